@@ -1,0 +1,215 @@
+"""Exact Wasserstein distances to the standard normal, and POT transport between two samples.
+
+Distances to N(0, 1) are exact, not Monte Carlo. For an equal-weight sample with order statistics
+x_(1) <= ... <= x_(n), the quantile form of W_p on the line is
+
+    W_p^p = int_0^1 |F_n^{-1}(u) - Phi^{-1}(u)|^p du
+          = sum_i int_{z_{i-1}}^{z_i} |x_(i) - z|^p phi(z) dz,     z_i = Phi^{-1}(i / n),
+
+with z_0 = -inf and z_n = +inf. Each piece has a closed form in Phi and phi. With c = clip(x, a, b):
+
+    p = 1:  int_a^b |x - z| phi(z) dz   = x (2 Phi(c) - Phi(a) - Phi(b)) + 2 phi(c) - phi(a) - phi(b)
+    p = 2:  int_a^b (x - z)^2 phi(z) dz = x^2 w - 2 x (phi(a) - phi(b)) + w - (b phi(b) - a phi(a)),
+
+where w = Phi(b) - Phi(a) = 1/n, and z phi(z) = 0 at z = +-inf (never evaluated as inf * 0).
+The cost is one sort, O(n log n), in float64.
+
+Conventions (as POT's): functions named ``*_to_normal`` / ``*_between`` return W_p and SW_p with
+the p-th root taken, in the units of the activations. The sliced distance over directions
+theta_1..theta_s is SW_p = (mean_j W_p^p(<theta_j, h>, N(0, 1)))^(1/p).
+
+The distance of n points to the continuous N(0, 1) is never 0: even the best-placed sample has
+W1 of about 0.125, 0.016 and 0.0019 for n = 10, 100 and 1000. Read small values against that floor
+(:func:`w1_floor`).
+
+References: Villani, *Optimal Transport: Old and New* (2009), Rem. 2.19 (quantile form on the line);
+Bonneel et al., *Sliced and Radon Wasserstein Barycenters of Measures* (2015) for SW_p;
+Flamary et al., *POT: Python Optimal Transport*, JMLR 22(78), 2021.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import ot
+import torch
+
+from perdiag.errors import InputValueError
+
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def _density(z: torch.Tensor) -> torch.Tensor:
+    """phi(z), 0 at +-inf."""
+    return torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
+
+
+@lru_cache(maxsize=32)
+def _normal_slabs(n: int, device: str) -> dict[str, torch.Tensor]:
+    """Per-order-statistic constants of N(0, 1) split into n equal-mass slabs, float64, shape (n, 1).
+
+    ``lo``/``hi`` are the slab edges z_{i-1}, z_i; ``cdf_sum`` = Phi(lo) + Phi(hi) (exact
+    fractions); ``pdf_sum`` = phi(lo) + phi(hi); ``pdf_diff`` = phi(lo) - phi(hi);
+    ``zpdf_diff`` = hi phi(hi) - lo phi(lo) with z phi(z) = 0 at the infinite edges.
+    """
+    k = torch.arange(n + 1, dtype=torch.float64)
+    levels = k / n
+    edges = torch.special.ndtri(levels)  # -inf and +inf at the ends
+    pdf = _density(edges)
+    zpdf = torch.where(torch.isfinite(edges), edges * pdf, torch.zeros_like(edges))
+    slabs = {
+        "lo": edges[:-1],
+        "hi": edges[1:],
+        "cdf_sum": levels[:-1] + levels[1:],
+        "pdf_sum": pdf[:-1] + pdf[1:],
+        "pdf_diff": pdf[:-1] - pdf[1:],
+        "zpdf_diff": zpdf[1:] - zpdf[:-1],
+    }
+    return {name: value.reshape(n, 1).to(device) for name, value in slabs.items()}
+
+
+def _sorted_wasserstein_pp(sorted_columns: torch.Tensor, p: int) -> torch.Tensor:
+    """W_p^p to N(0, 1) of each column of an (n, m) float64 tensor sorted along dim 0; returns (m,)."""
+    n = sorted_columns.shape[0]
+    slabs = _normal_slabs(n, str(sorted_columns.device))
+    x = sorted_columns
+    if p == 1:
+        c = torch.maximum(torch.minimum(x, slabs["hi"]), slabs["lo"])
+        pieces = x * (2.0 * torch.special.ndtr(c) - slabs["cdf_sum"]) + 2.0 * _density(c) - slabs["pdf_sum"]
+    else:
+        width = 1.0 / n
+        pieces = x * (x * width - 2.0 * slabs["pdf_diff"]) + (width - slabs["zpdf_diff"])
+    # Each piece is a non-negative integral; clamp the rounding noise of the closed form.
+    return pieces.clamp_min_(0.0).sum(dim=0)
+
+
+def _check_p(p: int) -> int:
+    if p not in (1, 2):
+        raise InputValueError(f"p must be 1 or 2 for the exact distance to N(0, 1), got {p!r}")
+    return p
+
+
+def _as_float64(x, name: str, ndim: int) -> torch.Tensor:
+    """Validate a sample and return it as a detached float64 tensor of rank ``ndim``."""
+    if not isinstance(x, torch.Tensor):
+        try:
+            x = torch.as_tensor(np.asarray(x, dtype=np.float64))
+        except (TypeError, ValueError) as err:
+            raise InputValueError(f"{name} must be numeric, got {type(x).__name__}") from err
+    x = x.detach()
+    if ndim == 1 and x.ndim != 1:
+        raise InputValueError(f"{name} must be 1-D, got shape {tuple(x.shape)}; flatten it or use the sliced distance")
+    if ndim == 2 and x.ndim != 2:
+        raise InputValueError(
+            f"{name} must be 2-D (samples, units), got shape {tuple(x.shape)}; use perdiag.to_samples() first"
+        )
+    if x.numel() == 0:
+        raise InputValueError(f"{name} is empty: shape {tuple(x.shape)}")
+    if x.is_complex() or x.dtype == torch.bool:
+        raise InputValueError(f"{name} must be real-valued, got {x.dtype}")
+    x = x.to(torch.float64)
+    if not torch.isfinite(x).all():
+        raise InputValueError(f"{name} contains NaN or inf; remove non-finite values first")
+    return x
+
+
+def wasserstein_to_normal(x, p: int = 1) -> float:
+    """Exact W_p (p = 1 or 2) between the equal-weight empirical law of ``x`` and N(0, 1).
+
+    Args:
+        x: 1-D sample (tensor, array or sequence), any float dtype; computed in float64.
+        p: 1 or 2.
+
+    Returns:
+        W_p in the units of ``x`` (root taken), as a Python float. Examples: the all-zero sample
+        has W1 = E|Y| = sqrt(2/pi) and W2 = 1; a single point t has W1 = t erf(t/sqrt 2) + 2 phi(t).
+    """
+    _check_p(p)
+    x = _as_float64(x, "sample", ndim=1)
+    wpp = _sorted_wasserstein_pp(torch.sort(x).values.reshape(-1, 1), p)
+    return float(wpp[0] ** (1.0 / p))
+
+
+def unit_wasserstein_to_normal(h, p: int = 1) -> torch.Tensor:
+    """Exact per-unit (marginal) W_p to N(0, 1) of each column of an (n, d) sample; returns (d,) float64."""
+    _check_p(p)
+    h = _as_float64(h, "activations", ndim=2)
+    return _sorted_wasserstein_pp(torch.sort(h, dim=0).values, p) ** (1.0 / p)
+
+
+def sliced_wasserstein_to_normal(h, projections: torch.Tensor, p: int = 1, *, per_slice: bool = False):
+    """Exact sliced W_p between the empirical law of the rows of ``h`` and N(0, I_d).
+
+    SW_p = (mean_j W_p^p(<theta_j, h_i>, N(0, 1)))^(1/p), every slice's W_p exact (module docstring);
+    the same formula as POT's ``ot.sliced_wasserstein_distance`` with the second sample replaced by
+    the continuous N(0, I_d), so no Monte-Carlo noise from sampling the target.
+
+    Args:
+        h: (n, d) sample, one row per sample.
+        projections: (d, s) unit directions (POT's convention), e.g. ``random_projections(d)``.
+        p: 1 or 2.
+        per_slice: also return the (s,) tensor of W_p per direction.
+
+    Returns:
+        SW_p as a Python float (and the per-slice W_p tensor when ``per_slice``).
+    """
+    _check_p(p)
+    h = _as_float64(h, "activations", ndim=2)
+    projections = _as_float64(projections, "projections", ndim=2).to(h.device)
+    if projections.shape[0] != h.shape[1]:
+        raise InputValueError(
+            f"projections must have shape (d, s) with d = {h.shape[1]} to match activations of shape "
+            f"{tuple(h.shape)}, got {tuple(projections.shape)}"
+        )
+    projected = torch.sort(h @ projections, dim=0).values
+    wpp = _sorted_wasserstein_pp(projected, p)
+    sw = float(wpp.mean() ** (1.0 / p))
+    if per_slice:
+        return sw, wpp ** (1.0 / p)
+    return sw
+
+
+def w1_floor(n: int) -> float:
+    """Smallest W1 any n equal-weight points can have to N(0, 1) (the slab medians Phi^{-1}((i-1/2)/n))."""
+    if n < 1:
+        raise InputValueError(f"n must be >= 1, got {n}")
+    medians = torch.special.ndtri((torch.arange(n, dtype=torch.float64) + 0.5) / n)
+    return float(_sorted_wasserstein_pp(medians.reshape(-1, 1), 1)[0])
+
+
+def wasserstein_between(x, y, p: int = 1) -> float:
+    """W_p between the equal-weight empirical laws of two 1-D samples, exact, via POT.
+
+    Uses ``ot.wasserstein_1d``, which returns W_p^p; the root is taken here. float64 throughout.
+    The samples may have different sizes.
+    """
+    if p < 1:
+        raise InputValueError(f"p must be >= 1, got {p}")
+    x = _as_float64(x, "first sample", ndim=1).cpu().numpy()
+    y = _as_float64(y, "second sample", ndim=1).cpu().numpy()
+    return float(ot.wasserstein_1d(x, y, p=p)) ** (1.0 / p)
+
+
+def sliced_wasserstein_between(hx, hy, projections: torch.Tensor, p: int = 1) -> float:
+    """Sliced W_p between two (n, d) and (m, d) samples with the given (d, s) directions, via POT.
+
+    ``ot.sliced_wasserstein_distance`` with explicit ``projections`` returns SW_p (root taken):
+    (mean_j W_p^p(<theta_j, x>, <theta_j, y>))^(1/p), exact per slice for empirical laws. float64.
+    """
+    if p < 1:
+        raise InputValueError(f"p must be >= 1, got {p}")
+    hx = _as_float64(hx, "first sample", ndim=2)
+    hy = _as_float64(hy, "second sample", ndim=2)
+    projections = _as_float64(projections, "projections", ndim=2)
+    if not (hx.shape[1] == hy.shape[1] == projections.shape[0]):
+        raise InputValueError(
+            f"samples and projections disagree on the number of units: {hx.shape[1]}, {hy.shape[1]} "
+            f"and projections of shape {tuple(projections.shape)}"
+        )
+    return float(
+        ot.sliced_wasserstein_distance(
+            hx.cpu().numpy(), hy.cpu().numpy(), projections=projections.cpu().numpy(), p=p
+        )
+    )

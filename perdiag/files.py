@@ -1,0 +1,54 @@
+"""Writing output files so that nothing half-written is ever left behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from perdiag.errors import PerdiagError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
+
+    The temporary file lives in the destination folder so that ``os.replace`` is atomic (same
+    file system). If the body raises, the temporary file is removed and ``path`` is untouched,
+    so an existing output is never clobbered by a failed run. ``suffix`` defaults to the
+    destination's own, for writers that pick a format by extension (matplotlib).
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.exists():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise PerdiagError(f"cannot create the output folder {folder}: {err.strerror}") from err
+    try:
+        handle, temporary = tempfile.mkstemp(
+            prefix=f".{path.name}.", suffix=suffix if suffix is not None else path.suffix + ".tmp", dir=folder
+        )
+    except OSError as err:
+        raise PerdiagError(f"cannot write to {folder}: {err.strerror}; choose a writable output path") from err
+    os.close(handle)
+    temporary = Path(temporary)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 ``text`` to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
