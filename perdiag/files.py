@@ -18,7 +18,7 @@ def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterat
     The temporary file lives in the destination folder so that ``os.replace`` is atomic (same
     file system). If the body raises, the temporary file is removed and ``path`` is untouched,
     so an existing output is never clobbered by a failed run. ``suffix`` defaults to the
-    destination's own, for writers that pick a format by extension (matplotlib).
+    destination's own extension last, for writers that pick a format by it (matplotlib, pandas).
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -29,7 +29,7 @@ def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterat
             raise PerdiagError(f"cannot create the output folder {folder}: {err.strerror}") from err
     try:
         handle, temporary = tempfile.mkstemp(
-            prefix=f".{path.name}.", suffix=suffix if suffix is not None else path.suffix + ".tmp", dir=folder
+            prefix=f".{path.name}.", suffix=suffix if suffix is not None else ".tmp" + path.suffix, dir=folder
         )
     except OSError as err:
         raise PerdiagError(f"cannot write to {folder}: {err.strerror}; choose a writable output path") from err
