@@ -35,6 +35,10 @@ def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterat
         raise PerdiagError(f"cannot write to {folder}: {err.strerror}; choose a writable output path") from err
     os.close(handle)
     temporary = Path(temporary)
+    # mkstemp creates 0600 files; give the output the permissions a plain open() would.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)
     try:
         yield temporary
         os.replace(temporary, path)
