@@ -39,6 +39,7 @@ import torch
 from perdiag.errors import InputValueError
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_SQRT_HALF = math.sqrt(0.5)
 
 
 def _density(z: torch.Tensor) -> torch.Tensor:
@@ -48,7 +49,7 @@ def _density(z: torch.Tensor) -> torch.Tensor:
 
 @lru_cache(maxsize=32)
 def _normal_slabs(n: int, device: str) -> dict[str, torch.Tensor]:
-    """Per-order-statistic constants of N(0, 1) split into n equal-mass slabs, float64, shape (n, 1).
+    """Per-order-statistic constants of N(0, 1) split into n equal-mass slabs, float64, shape (1, n).
 
     ``lo``/``hi`` are the slab edges z_{i-1}, z_i; ``cdf_sum`` = Phi(lo) + Phi(hi) (exact
     fractions); ``pdf_sum`` = phi(lo) + phi(hi); ``pdf_diff`` = phi(lo) - phi(hi);
@@ -67,22 +68,41 @@ def _normal_slabs(n: int, device: str) -> dict[str, torch.Tensor]:
         "pdf_diff": pdf[:-1] - pdf[1:],
         "zpdf_diff": zpdf[1:] - zpdf[:-1],
     }
-    return {name: value.reshape(n, 1).to(device) for name, value in slabs.items()}
+    return {name: value.reshape(1, n).to(device) for name, value in slabs.items()}
 
 
-def _sorted_wasserstein_pp(sorted_columns: torch.Tensor, p: int) -> torch.Tensor:
-    """W_p^p to N(0, 1) of each column of an (n, m) float64 tensor sorted along dim 0; returns (m,)."""
-    n = sorted_columns.shape[0]
-    slabs = _normal_slabs(n, str(sorted_columns.device))
-    x = sorted_columns
+def _sort_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Sort each row of a float64 tensor in ascending order.
+
+    On the CPU numpy's vectorised sort is several times faster than ``torch.sort`` (measured in
+    bench/bench_math.py), and sorting needs no gradient, so the CPU path goes through numpy.
+    """
+    if rows.device.type == "cpu":
+        return torch.from_numpy(np.sort(rows.numpy(), axis=-1))
+    return torch.sort(rows, dim=-1).values
+
+
+def _sorted_wasserstein_pp(sorted_rows: torch.Tensor, p: int) -> torch.Tensor:
+    """W_p^p to N(0, 1) of each row of an (m, n) float64 tensor sorted along dim 1; returns (m,).
+
+    Uses the closed forms of the module docstring, evaluated in place to keep one (m, n) buffer.
+    Phi(c) is taken as (1 + erf(c / sqrt 2)) / 2: its absolute error (~1e-16) is what matters here,
+    and erf is several times cheaper than ndtr.
+    """
+    n = sorted_rows.shape[1]
+    slabs = _normal_slabs(n, str(sorted_rows.device))
+    x = sorted_rows
     if p == 1:
         c = torch.maximum(torch.minimum(x, slabs["hi"]), slabs["lo"])
-        pieces = x * (2.0 * torch.special.ndtr(c) - slabs["cdf_sum"]) + 2.0 * _density(c) - slabs["pdf_sum"]
+        density = _density(c)
+        # 2 Phi(c) - (Phi(lo) + Phi(hi)) = erf(c / sqrt 2) + 1 - cdf_sum
+        pieces = torch.erf(c.mul_(_SQRT_HALF)).add_(1.0).sub_(slabs["cdf_sum"]).mul_(x)
+        pieces.add_(density.mul_(2.0)).sub_(slabs["pdf_sum"])
     else:
         width = 1.0 / n
-        pieces = x * (x * width - 2.0 * slabs["pdf_diff"]) + (width - slabs["zpdf_diff"])
+        pieces = (x * width).sub_(slabs["pdf_diff"], alpha=2.0).mul_(x).add_(width).sub_(slabs["zpdf_diff"])
     # Each piece is a non-negative integral; clamp the rounding noise of the closed form.
-    return pieces.clamp_min_(0.0).sum(dim=0)
+    return pieces.clamp_min_(0.0).sum(dim=1)
 
 
 def _check_p(p: int) -> int:
@@ -128,7 +148,7 @@ def wasserstein_to_normal(x, p: int = 1) -> float:
     """
     _check_p(p)
     x = _as_float64(x, "sample", ndim=1)
-    wpp = _sorted_wasserstein_pp(torch.sort(x).values.reshape(-1, 1), p)
+    wpp = _sorted_wasserstein_pp(_sort_rows(x.reshape(1, -1)), p)
     return float(wpp[0] ** (1.0 / p))
 
 
@@ -136,7 +156,7 @@ def unit_wasserstein_to_normal(h, p: int = 1) -> torch.Tensor:
     """Exact per-unit (marginal) W_p to N(0, 1) of each column of an (n, d) sample; returns (d,) float64."""
     _check_p(p)
     h = _as_float64(h, "activations", ndim=2)
-    return _sorted_wasserstein_pp(torch.sort(h, dim=0).values, p) ** (1.0 / p)
+    return _sorted_wasserstein_pp(_sort_rows(h.T.contiguous()), p) ** (1.0 / p)
 
 
 def sliced_wasserstein_to_normal(h, projections: torch.Tensor, p: int = 1, *, per_slice: bool = False):
@@ -163,7 +183,8 @@ def sliced_wasserstein_to_normal(h, projections: torch.Tensor, p: int = 1, *, pe
             f"projections must have shape (d, s) with d = {h.shape[1]} to match activations of shape "
             f"{tuple(h.shape)}, got {tuple(projections.shape)}"
         )
-    projected = torch.sort(h @ projections, dim=0).values
+    # (s, n): one row per direction, so each slice is sorted contiguously.
+    projected = _sort_rows(projections.T @ h.T)
     wpp = _sorted_wasserstein_pp(projected, p)
     sw = float(wpp.mean() ** (1.0 / p))
     if per_slice:
@@ -176,7 +197,7 @@ def w1_floor(n: int) -> float:
     if n < 1:
         raise InputValueError(f"n must be >= 1, got {n}")
     medians = torch.special.ndtri((torch.arange(n, dtype=torch.float64) + 0.5) / n)
-    return float(_sorted_wasserstein_pp(medians.reshape(-1, 1), 1)[0])
+    return float(_sorted_wasserstein_pp(medians.reshape(1, -1), 1)[0])
 
 
 def wasserstein_between(x, y, p: int = 1) -> float:

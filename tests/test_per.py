@@ -1,0 +1,71 @@
+"""PER: reference values, gradient, projections."""
+
+import math
+
+import pytest
+import torch
+
+from perdiag import PER_OF_STANDARD_NORMAL, PER_OF_ZEROS, per_loss, per_pointwise, random_projections
+
+
+def test_reference_constants():
+    assert PER_OF_ZEROS == pytest.approx(math.sqrt(2 / math.pi))
+    assert PER_OF_STANDARD_NORMAL == pytest.approx(2 / math.sqrt(math.pi))
+
+
+def test_pointwise_is_expected_absolute_gap_to_a_standard_normal():
+    # f(t) = E|t - Y|, checked by quadrature.
+    from scipy import integrate, stats
+
+    for t in (-4.0, -0.3, 0.0, 1.0, 5.0):
+        below, _ = integrate.quad(lambda y: (t - y) * stats.norm.pdf(y), -math.inf, t, epsabs=1e-13)
+        above, _ = integrate.quad(lambda y: (y - t) * stats.norm.pdf(y), t, math.inf, epsabs=1e-13)
+        expected = below + above
+        assert per_pointwise(torch.tensor(t, dtype=torch.float64)).item() == pytest.approx(expected, abs=1e-10)
+
+
+def test_per_of_zeros_is_its_minimum():
+    projections = random_projections(5, 32, seed=0)
+    assert per_loss(torch.zeros(10, 5), projections).item() == pytest.approx(PER_OF_ZEROS, abs=1e-6)
+    assert per_loss(torch.full((10, 5), 0.01), projections).item() > PER_OF_ZEROS
+
+
+def test_per_of_a_large_normal_sample_approaches_two_over_root_pi():
+    h = torch.randn(200_000, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    projections = random_projections(8, 64, seed=1, dtype=torch.float64)
+    assert per_loss(h, projections).item() == pytest.approx(PER_OF_STANDARD_NORMAL, abs=5e-3)
+
+
+def test_gradient_matches_the_papers_erf_form():
+    h = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    projections = random_projections(4, 9, seed=2, dtype=torch.float64)
+    per_loss(h, projections).backward()
+    projected = h.detach() @ projections
+    expected = torch.erf(projected / math.sqrt(2)) @ projections.T / projected.numel()
+    torch.testing.assert_close(h.grad, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_gradcheck_against_finite_differences():
+    h = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    projections = random_projections(3, 6, seed=3, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: per_loss(x, projections), (h,))
+
+
+def test_half_precision_inputs_are_computed_in_float32():
+    h = torch.randn(64, 8).to(torch.bfloat16)
+    projections = random_projections(8, 16, seed=4)
+    value = per_loss(h, projections)
+    assert value.dtype == torch.float32
+    assert value.item() == pytest.approx(per_loss(h.float(), projections).item(), rel=1e-6)
+
+
+def test_projections_are_unit_columns_seeded_and_isotropic():
+    a = random_projections(16, 256, seed=7)
+    b = random_projections(16, 256, seed=7)
+    assert a.shape == (16, 256)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a.norm(dim=0), torch.ones(256))
+    assert not torch.equal(a, random_projections(16, 256, seed=8))
+    # Uniform on the sphere: E[theta theta^T] = I / d.
+    many = random_projections(4, 200_000, seed=9, dtype=torch.float64)
+    torch.testing.assert_close(many @ many.T / 200_000, torch.eye(4, dtype=torch.float64) / 4, atol=3e-3, rtol=0)
