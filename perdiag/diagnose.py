@@ -1,0 +1,242 @@
+"""model + batches -> per-layer statistics: the computation behind ``perdiag inspect``.
+
+Streaming: every selected layer feeds a bounded :class:`~perdiag.stream.LayerAccumulator` from a
+forward hook (moments, histogram and counts over all values; a uniform reservoir of rows). After
+the last batch, the distances are computed once per layer on its reservoir, so memory and the final
+cost do not grow with the number of batches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from perdiag.capture import ActivationCapture, select_layers, set_eval
+from perdiag.data import Batch
+from perdiag.distances import sliced_wasserstein_to_normal, unit_wasserstein_to_normal, w1_floor, wasserstein_to_normal
+from perdiag.errors import PerdiagError
+from perdiag.failures import name_failing_layer
+from perdiag.layout import n_units as layout_units
+from perdiag.per import PER_OF_STANDARD_NORMAL, PER_OF_ZEROS, per_loss, random_projections
+from perdiag.stream import LayerAccumulator, LayerSummary
+
+#: Directions kept per layer for the "PER view" plot of projected values.
+PREVIEW_DIRECTIONS = 8
+
+
+@dataclass
+class InspectSettings:
+    """What to capture and how to summarise it (the CLI's inspect options, minus I/O)."""
+
+    layers: Sequence[str] | None = None
+    types: Sequence[str] | None = None
+    layout: str = "auto"
+    max_samples: int = 4096
+    n_projections: int = 256
+    seed: int = 0
+    hist_range: tuple[float, float] = (-8.0, 8.0)
+    hist_bins: int = 160
+
+    def __post_init__(self) -> None:
+        if self.max_samples < 2:
+            raise PerdiagError(f"--max-samples must be at least 2, got {self.max_samples}")
+        if self.n_projections < 1:
+            raise PerdiagError(f"--projections must be at least 1, got {self.n_projections}")
+        low, high = self.hist_range
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise PerdiagError(f"the histogram range must be finite with low < high, got {self.hist_range}")
+
+
+@dataclass
+class LayerReport:
+    """One layer's summary and distances, plus what the plots need."""
+
+    name: str
+    module_type: str
+    shape: tuple[int, ...]
+    calls: int
+    summary: LayerSummary
+    distances: dict[str, float]
+    projected_preview: np.ndarray = field(repr=False)
+
+    def row(self) -> dict:
+        s = self.summary
+        return {
+            "layer": self.name,
+            "module_type": self.module_type,
+            "shape": str(tuple(self.shape)),
+            "n_samples": s.n_samples,
+            "n_units": s.n_units,
+            "mean": s.mean,
+            "std": s.std,
+            "skew": s.skew,
+            "kurtosis": s.kurtosis,
+            "min": s.min,
+            "max": s.max,
+            "frac_zero": s.frac_zero,
+            "n_nonfinite": s.n_nonfinite,
+            **self.distances,
+            "reservoir_size": int(s.reservoir.shape[0]),
+            "calls": self.calls,
+            "flags": ",".join(s.flags),
+        }
+
+
+@dataclass
+class InspectResult:
+    """Everything ``inspect`` found: the per-layer table, per-layer details and the run's context."""
+
+    table: pd.DataFrame
+    layers: list[LayerReport]
+    settings: dict
+    notes: list[str]
+
+
+def layer_distances(reservoir: torch.Tensor, projections: torch.Tensor) -> dict[str, float]:
+    """PER and exact distances of one layer's (m, d) reservoir of rows to N(0, I_d).
+
+    ``per``, ``sw1`` and ``sw2`` use the same (d, s) directions, so ``per_minus_sw1`` >= 0 is the
+    slack of the PER bound. ``w1``/``w2`` pool all m * d values into one 1-D sample; ``w1_unit_mean``
+    and ``w1_unit_max`` summarise the d per-unit (marginal) W1 values. All in activation units.
+    """
+    if reservoir.shape[0] == 0:
+        nan = float("nan")
+        keys = ("per", "sw1", "sw2", "per_minus_sw1", "w1", "w2", "w1_unit_mean", "w1_unit_max", "w1_floor")
+        return dict.fromkeys(keys, nan)
+    h = reservoir.to(torch.float64)
+    projections = projections.to(torch.float64)
+    per = float(per_loss(h, projections, validate=False))
+    sw1 = sliced_wasserstein_to_normal(h, projections, p=1)
+    sw2 = sliced_wasserstein_to_normal(h, projections, p=2)
+    per_unit = unit_wasserstein_to_normal(h, p=1)
+    pooled = h.reshape(-1)
+    return {
+        "per": per,
+        "sw1": sw1,
+        "sw2": sw2,
+        "per_minus_sw1": per - sw1,
+        "w1": wasserstein_to_normal(pooled, p=1),
+        "w2": wasserstein_to_normal(pooled, p=2),
+        "w1_unit_mean": float(per_unit.mean()),
+        "w1_unit_max": float(per_unit.max()),
+        "w1_floor": w1_floor(h.shape[0]),
+    }
+
+
+class ProjectionBank:
+    """Seeded directions shared by every layer of the same width (so layers are comparable)."""
+
+    def __init__(self, n_projections: int, seed: int) -> None:
+        self.n_projections = n_projections
+        self.seed = seed
+        self._by_width: dict[int, torch.Tensor] = {}
+
+    def __call__(self, d: int) -> torch.Tensor:
+        if d not in self._by_width:
+            self._by_width[d] = random_projections(d, self.n_projections, seed=self.seed, dtype=torch.float64)
+        return self._by_width[d]
+
+
+def inspect_model(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    settings: InspectSettings | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    on_batch: Callable[[int], None] | None = None,
+) -> InspectResult:
+    """Run ``batches`` through ``model`` (eval mode, no gradients) and summarise every selected layer.
+
+    Args:
+        model: any module; it is put in eval mode (every submodule).
+        batches: :class:`~perdiag.data.Batch` objects, moved to ``device`` one at a time.
+        settings: layer selection, reservoir size, projections, seed.
+        on_batch: called with the number of examples after each batch (progress display).
+
+    Returns:
+        An :class:`InspectResult` whose ``table`` has one row per layer that produced a floating
+        tensor, in model order.
+    """
+    settings = settings or InspectSettings()
+    set_eval(model)
+    selected = select_layers(model, settings.layers, settings.types)
+    accumulators: dict[str, LayerAccumulator] = {}
+
+    def consume(name: str, module: nn.Module, samples: torch.Tensor, shape: tuple[int, ...]) -> None:
+        accumulator = accumulators.get(name)
+        if accumulator is None:
+            accumulator = LayerAccumulator(
+                samples.shape[1],
+                max_samples=settings.max_samples,
+                hist_range=settings.hist_range,
+                hist_bins=settings.hist_bins,
+                seed=settings.seed,
+            )
+            accumulators[name] = accumulator
+        elif accumulator.n_units != samples.shape[1]:
+            raise PerdiagError(
+                f"layer {name} changed width between calls ({accumulator.n_units} then {samples.shape[1]} units); "
+                "exclude it with --layers"
+            )
+        accumulator.update(samples)
+
+    n_batches = 0
+    capture = ActivationCapture(selected, consume, layout=settings.layout, detach=True)
+    with torch.no_grad(), name_failing_layer(model), capture:
+        for batch in batches:
+            batch = batch.to(device)
+            batch.call(model)
+            n_batches += 1
+            if on_batch is not None:
+                on_batch(len(batch))
+    if n_batches == 0:
+        raise PerdiagError("no batches to inspect: the data is empty (check --data and --max-batches)")
+    if not accumulators:
+        skipped = "; ".join(f"{name}: {why}" for name, why in list(capture.skipped.items())[:5])
+        raise PerdiagError(
+            "none of the selected layers produced a floating-point tensor"
+            + (f" ({skipped})" if skipped else "")
+            + "; pick other layers with --layers/--types (see --list-layers)"
+        )
+
+    bank = ProjectionBank(settings.n_projections, settings.seed)
+    module_types = {name: type(module).__name__ for name, module in selected}
+    reports = []
+    for name, _ in selected:
+        if name not in accumulators:
+            continue
+        summary = accumulators[name].result()
+        projections = bank(summary.n_units)
+        reservoir = summary.reservoir
+        preview = (reservoir.to(torch.float64) @ projections[:, :PREVIEW_DIRECTIONS]).reshape(-1).numpy()
+        reports.append(
+            LayerReport(
+                name=name,
+                module_type=module_types[name],
+                shape=capture.shapes[name],
+                calls=capture.calls[name],
+                summary=summary,
+                distances=layer_distances(reservoir, projections),
+                projected_preview=preview,
+            )
+        )
+    table = pd.DataFrame([report.row() for report in reports])
+    notes = [f"{name}: skipped ({why})" for name, why in capture.skipped.items() if name not in accumulators]
+    run_settings = {
+        **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()},
+        "n_batches": n_batches,
+        "per_reference_standard_normal": PER_OF_STANDARD_NORMAL,
+        "per_reference_zeros": PER_OF_ZEROS,
+    }
+    return InspectResult(table=table, layers=reports, settings=run_settings, notes=notes)
+
+
+def expected_units(shape: Sequence[int], layout: str = "auto") -> int:
+    """Units the layout rule assigns to an output of this shape (for --list-layers)."""
+    return layout_units(tuple(shape), layout)
