@@ -121,6 +121,7 @@ def inspect(
     from perdiag.diagnose import InspectSettings, inspect_model
     from perdiag.report import reference_lines, render_table
 
+    workflow.check_output_paths({"--csv": csv, "--json": json, "--html": html}, {"--plots": plots})
     loaded = workflow.open_model(
         model, arch=arch, arch_kwargs=arch_kwargs, strict=strict, trust_checkpoint=trust_checkpoint, device=device
     )

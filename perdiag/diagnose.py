@@ -8,6 +8,7 @@ cost do not grow with the number of batches.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -17,14 +18,18 @@ import pandas as pd
 import torch
 from torch import nn
 
-from perdiag.capture import ActivationCapture, select_layers, set_eval
+from perdiag.capture import ActivationCapture, extract_output, select_layers, set_eval
 from perdiag.data import Batch
 from perdiag.distances import sliced_wasserstein_to_normal, unit_wasserstein_to_normal, w1_floor, wasserstein_to_normal
 from perdiag.errors import PerdiagError
 from perdiag.failures import name_failing_layer
 from perdiag.layout import n_units as layout_units
+from perdiag.layout import to_samples
 from perdiag.per import PER_OF_STANDARD_NORMAL, PER_OF_ZEROS, per_loss, random_projections
 from perdiag.stream import LayerAccumulator, LayerSummary
+
+#: Name of the pseudo-layer reported for models whose internals cannot be hooked (TorchScript).
+OUTPUT_LAYER = "<output>"
 
 #: Directions kept per layer for the "PER view" plot of projected values.
 PREVIEW_DIRECTIONS = 8
@@ -165,7 +170,9 @@ def inspect_model(
     """
     settings = settings or InspectSettings()
     set_eval(model)
-    selected = select_layers(model, settings.layers, settings.types)
+    scripted = isinstance(model, torch.jit.ScriptModule)
+    # Scripted modules accept no Python hooks: only the model's own output can be observed.
+    selected = [(OUTPUT_LAYER, model)] if scripted else select_layers(model, settings.layers, settings.types)
     accumulators: dict[str, LayerAccumulator] = {}
 
     def consume(name: str, module: nn.Module, samples: torch.Tensor, shape: tuple[int, ...]) -> None:
@@ -187,11 +194,19 @@ def inspect_model(
         accumulator.update(samples)
 
     n_batches = 0
-    capture = ActivationCapture(selected, consume, layout=settings.layout, detach=True)
-    with torch.no_grad(), name_failing_layer(model), capture:
+    if scripted:
+        capture = _OutputCapture(consume, settings.layout)
+        context = contextlib.nullcontext()
+    else:
+        capture = ActivationCapture(selected, consume, layout=settings.layout, detach=True)
+        context = name_failing_layer(model)
+    input_dtype = _input_dtype(model)
+    with torch.no_grad(), context, capture:
         for batch in batches:
-            batch = batch.to(device)
-            batch.call(model)
+            batch = batch.to(device, dtype=input_dtype)
+            output = batch.call(model)
+            if scripted:
+                capture.observe(model, output)
             n_batches += 1
             if on_batch is not None:
                 on_batch(len(batch))
@@ -228,6 +243,11 @@ def inspect_model(
         )
     table = pd.DataFrame([report.row() for report in reports])
     notes = [f"{name}: skipped ({why})" for name, why in capture.skipped.items() if name not in accumulators]
+    if scripted:
+        notes.append(
+            "TorchScript archive: Python hooks cannot be attached to scripted modules, so only the model's "
+            "output is reported; for per-layer results load the eager model (state dict + --arch)"
+        )
     run_settings = {
         **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()},
         "n_batches": n_batches,
@@ -235,6 +255,40 @@ def inspect_model(
         "per_reference_zeros": PER_OF_ZEROS,
     }
     return InspectResult(table=table, layers=reports, settings=run_settings, notes=notes)
+
+
+def _input_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype floating inputs must be cast to: the model's, when it is not float32 (fp16/bf16/fp64 weights)."""
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            return None if parameter.dtype == torch.float32 else parameter.dtype
+    return None
+
+
+class _OutputCapture:
+    """Stands in for ActivationCapture on a TorchScript model: observes the model's output only."""
+
+    def __init__(self, consume: Callable, layout: str) -> None:
+        self.consume = consume
+        self.layout = layout
+        self.calls: dict[str, int] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.skipped: dict[str, str] = {}
+
+    def __enter__(self) -> _OutputCapture:
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+    def observe(self, model: nn.Module, output) -> None:
+        tensor = extract_output(output)
+        if tensor is None:
+            self.skipped[OUTPUT_LAYER] = "the model output is not a floating-point tensor"
+            return
+        self.calls[OUTPUT_LAYER] = self.calls.get(OUTPUT_LAYER, 0) + 1
+        self.shapes[OUTPUT_LAYER] = tuple(tensor.shape)
+        self.consume(OUTPUT_LAYER, model, to_samples(tensor.detach(), self.layout), tuple(tensor.shape))
 
 
 def expected_units(shape: Sequence[int], layout: str = "auto") -> int:

@@ -74,7 +74,7 @@ def name_failing_layer(model: nn.Module) -> Iterator[None]:
             if failed and _is_input_error(message):
                 name, module, args = failed[0]
                 inputs = ", ".join(_describe(a) for a in args) or "no positional input"
-                expected = expected_input(module)
+                expected = None if "dtype" in message.lower() else expected_input(module)
                 raise PerdiagError(
                     f"layer {name} ({type(module).__name__}) rejected its input {inputs}"
                     + (f"; it expects {expected}" if expected else "")

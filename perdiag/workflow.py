@@ -202,3 +202,38 @@ def write_inspect_outputs(
         )
         written.append(Path(html))
     return written
+
+
+def check_output_paths(files: dict[str, str | Path | None], folders: dict[str, str | Path | None] | None = None) -> None:
+    """Fail before any work when an output cannot be written: ``{"--csv": path, ...}``.
+
+    A file's folder must exist (or be creatable) and be writable, and the path must not be a
+    folder; a plot folder must not be a file. Checking first means a long run never ends in an
+    unwritable path with nothing saved.
+    """
+    import os
+
+    for option, path in files.items():
+        if path is None:
+            continue
+        path = Path(path)
+        if path.is_dir():
+            raise PerdiagError(f"{option} {path} is a folder; give a file name")
+        _check_folder(option, path.parent if str(path.parent) else Path("."), os)
+    for option, folder in (folders or {}).items():
+        if folder is None:
+            continue
+        folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise PerdiagError(f"{option} {folder} is a file, not a folder")
+        _check_folder(option, folder, os)
+
+
+def _check_folder(option: str, folder: Path, os) -> None:
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PerdiagError(f"cannot write {option} under {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PerdiagError(f"cannot write {option} under {folder}: {existing} is not writable")

@@ -1,0 +1,94 @@
+"""Every user error `perdiag inspect` guards against: one line, exit 2, no traceback, nothing half-written."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def assert_user_error(result, *phrases):
+    code, out, err = result
+    assert code == 2, (out, err)
+    assert "Traceback" not in err and "Traceback" not in out
+    assert err.strip().startswith("error:") or "error:" in err
+    for phrase in phrases:
+        assert phrase in err, err
+
+
+def test_missing_model_file(run_cli, tmp_path):
+    assert_user_error(run_cli("inspect", tmp_path / "absent.pt"), "absent.pt")
+
+
+def test_file_that_is_not_a_checkpoint(run_cli, tmp_path):
+    (tmp_path / "notes.pt").write_text("hello")
+    assert_user_error(run_cli("inspect", tmp_path / "notes.pt"), "notes.pt")
+
+
+def test_pickled_module_needs_the_opt_in_flag(run_cli, tmp_path, samples):
+    torch.save(torch.nn.Linear(64, 3), tmp_path / "pickled.pt")
+    assert_user_error(run_cli("inspect", tmp_path / "pickled.pt", "--data", samples / "digits_mlp_val.pt"), "--trust-checkpoint")
+    code, out, err = run_cli("inspect", tmp_path / "pickled.pt", "--trust-checkpoint", "--data", samples / "digits_mlp_val.pt")
+    assert code == 0, err
+
+
+def test_state_dict_without_arch(run_cli, tmp_path):
+    torch.save(torch.nn.Linear(3, 3).state_dict(), tmp_path / "sd.pt")
+    assert_user_error(run_cli("inspect", tmp_path / "sd.pt"), "--arch")
+
+
+def test_bad_arch_kwargs_json(run_cli, tmp_path):
+    torch.save(torch.nn.Linear(3, 3).state_dict(), tmp_path / "sd.pt")
+    assert_user_error(run_cli("inspect", tmp_path / "sd.pt", "--arch", "torch.nn:Linear", "--arch-kwargs", "{in_features: 3"), "--arch-kwargs")
+
+
+def test_input_shape_mismatch_names_the_layer_and_expected_shape(run_cli, samples):
+    assert_user_error(
+        run_cli("inspect", samples / "digits_cnn.pt", "--data", samples / "digits_mlp_val.pt"),
+        "features.conv1", "Conv2d", "1 channels",
+    )
+
+
+def test_no_matching_layers(run_cli, samples):
+    assert_user_error(run_cli("inspect", samples / "digits_cnn.pt", "--layers", "nothing.like.this*"), "--list-layers")
+
+
+def test_random_inputs_need_a_shape(run_cli, tmp_path):
+    torch.save(torch.nn.Linear(3, 3).state_dict(), tmp_path / "sd.pt")
+    assert_user_error(
+        run_cli("inspect", tmp_path / "sd.pt", "--arch", "torch.nn:Linear", "--arch-kwargs", '{"in_features": 3, "out_features": 3}', "--random", "8"),
+        "--input-shape",
+    )
+
+
+def test_no_data_at_all(run_cli, tmp_path):
+    torch.save(torch.nn.Linear(3, 3).state_dict(), tmp_path / "sd.pt")
+    assert_user_error(
+        run_cli("inspect", tmp_path / "sd.pt", "--arch", "torch.nn:Linear", "--arch-kwargs", '{"in_features": 3, "out_features": 3}'),
+        "--data",
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where CUDA is absent")
+def test_cuda_requested_without_cuda(run_cli, samples):
+    assert_user_error(run_cli("inspect", samples / "digits_mlp.pt", "--device", "cuda"), "--device cpu")
+
+
+def test_unwritable_output_fails_before_any_work(run_cli, samples, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert_user_error(run_cli("inspect", samples / "digits_mlp.pt", "--csv", blocker / "out.csv"), "--csv", "not a folder")
+    assert_user_error(run_cli("inspect", samples / "digits_mlp.pt", "--plots", blocker), "--plots")
+
+
+def test_failed_run_leaves_existing_outputs_untouched_and_no_temporary_files(run_cli, samples, tmp_path):
+    csv = tmp_path / "report.csv"
+    csv.write_text("previous results\n")
+    code, _, _ = run_cli("inspect", samples / "digits_cnn.pt", "--data", samples / "digits_mlp_val.pt", "--csv", csv)
+    assert code == 2
+    assert csv.read_text() == "previous results\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.csv"]
+
+
+def test_debug_shows_the_traceback(run_cli, tmp_path):
+    code, _, err = run_cli("inspect", tmp_path / "absent.pt", "--debug")
+    assert code == 2 and "Traceback" in err
