@@ -2,6 +2,7 @@
 
 from perdiag.distances import (
     sliced_wasserstein_between,
+    sliced_wasserstein_of_projected,
     sliced_wasserstein_to_normal,
     unit_wasserstein_to_normal,
     w1_floor,
@@ -31,6 +32,7 @@ __all__ = [
     "per_pointwise",
     "random_projections",
     "sliced_wasserstein_between",
+    "sliced_wasserstein_of_projected",
     "sliced_wasserstein_to_normal",
     "to_samples",
     "unit_wasserstein_to_normal",

@@ -20,12 +20,17 @@ from torch import nn
 
 from perdiag.capture import ActivationCapture, extract_output, select_layers, set_eval
 from perdiag.data import Batch
-from perdiag.distances import sliced_wasserstein_to_normal, unit_wasserstein_to_normal, w1_floor, wasserstein_to_normal
+from perdiag.distances import (
+    sliced_wasserstein_of_projected,
+    unit_wasserstein_to_normal,
+    w1_floor,
+    wasserstein_to_normal,
+)
 from perdiag.errors import PerdiagError
 from perdiag.failures import name_failing_layer
 from perdiag.layout import n_units as layout_units
 from perdiag.layout import to_samples
-from perdiag.per import PER_OF_STANDARD_NORMAL, PER_OF_ZEROS, per_loss, random_projections
+from perdiag.per import PER_OF_STANDARD_NORMAL, PER_OF_ZEROS, per_pointwise, random_projections
 from perdiag.stream import LayerAccumulator, LayerSummary
 
 #: Name of the pseudo-layer reported for models whose internals cannot be hooked (TorchScript).
@@ -115,19 +120,19 @@ def layer_distances(reservoir: torch.Tensor, projections: torch.Tensor) -> dict[
         keys = ("per", "sw1", "sw2", "per_minus_sw1", "w1", "w2", "w1_unit_mean", "w1_unit_max", "w1_floor")
         return dict.fromkeys(keys, nan)
     h = reservoir.to(torch.float64)
-    projections = projections.to(torch.float64)
-    per = float(per_loss(h, projections, validate=False))
-    sw1 = sliced_wasserstein_to_normal(h, projections, p=1)
-    sw2 = sliced_wasserstein_to_normal(h, projections, p=2)
+    # One (s, n) projection serves PER and both sliced distances: same directions, one matmul, one sort.
+    projected = projections.to(torch.float64).T @ h.T
+    per = float(per_pointwise(projected).mean())
+    sw1, sw2 = sliced_wasserstein_of_projected(projected, (1, 2))
     per_unit = unit_wasserstein_to_normal(h, p=1)
-    pooled = h.reshape(-1)
+    w1, w2 = wasserstein_to_normal(h.reshape(-1), p=(1, 2))
     return {
         "per": per,
         "sw1": sw1,
         "sw2": sw2,
         "per_minus_sw1": per - sw1,
-        "w1": wasserstein_to_normal(pooled, p=1),
-        "w2": wasserstein_to_normal(pooled, p=2),
+        "w1": w1,
+        "w2": w2,
         "w1_unit_mean": float(per_unit.mean()),
         "w1_unit_max": float(per_unit.max()),
         "w1_floor": w1_floor(h.shape[0]),

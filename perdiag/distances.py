@@ -105,10 +105,19 @@ def _sorted_wasserstein_pp(sorted_rows: torch.Tensor, p: int) -> torch.Tensor:
     return pieces.clamp_min_(0.0).sum(dim=1)
 
 
-def _check_p(p: int) -> int:
-    if p not in (1, 2):
-        raise InputValueError(f"p must be 1 or 2 for the exact distance to N(0, 1), got {p!r}")
-    return p
+def _check_p(p) -> tuple[int, ...]:
+    """p as a tuple of orders; each must be 1 or 2 (the closed forms)."""
+    orders = tuple(p) if isinstance(p, (tuple, list)) else (p,)
+    if not orders or any(order not in (1, 2) for order in orders):
+        raise InputValueError(f"p must be 1 or 2 (or a tuple of them) for the exact distance to N(0, 1), got {p!r}")
+    return orders
+
+
+def _each_order(sorted_rows: torch.Tensor, p, reduce):
+    """Apply ``reduce(W_p^p per row, p)`` for each requested order; one value, or a tuple for tuple ``p``."""
+    orders = _check_p(p)
+    values = tuple(reduce(_sorted_wasserstein_pp(sorted_rows, order), order) for order in orders)
+    return values if isinstance(p, (tuple, list)) else values[0]
 
 
 def _as_float64(x, name: str, ndim: int) -> torch.Tensor:
@@ -135,12 +144,12 @@ def _as_float64(x, name: str, ndim: int) -> torch.Tensor:
     return x
 
 
-def wasserstein_to_normal(x, p: int = 1) -> float:
+def wasserstein_to_normal(x, p: int | tuple[int, ...] = 1):
     """Exact W_p (p = 1 or 2) between the equal-weight empirical law of ``x`` and N(0, 1).
 
     Args:
         x: 1-D sample (tensor, array or sequence), any float dtype; computed in float64.
-        p: 1 or 2.
+        p: 1 or 2, or a tuple such as (1, 2) to get both from one sort (returns a tuple).
 
     Returns:
         W_p in the units of ``x`` (root taken), as a Python float. Examples: the all-zero sample
@@ -148,18 +157,20 @@ def wasserstein_to_normal(x, p: int = 1) -> float:
     """
     _check_p(p)
     x = _as_float64(x, "sample", ndim=1)
-    wpp = _sorted_wasserstein_pp(_sort_rows(x.reshape(1, -1)), p)
-    return float(wpp[0] ** (1.0 / p))
+    return _each_order(_sort_rows(x.reshape(1, -1)), p, lambda wpp, order: float(wpp[0] ** (1.0 / order)))
 
 
-def unit_wasserstein_to_normal(h, p: int = 1) -> torch.Tensor:
-    """Exact per-unit (marginal) W_p to N(0, 1) of each column of an (n, d) sample; returns (d,) float64."""
+def unit_wasserstein_to_normal(h, p: int | tuple[int, ...] = 1):
+    """Exact per-unit (marginal) W_p to N(0, 1) of each column of an (n, d) sample; returns (d,) float64.
+
+    With a tuple ``p``, a tuple of such tensors (one sort for all orders).
+    """
     _check_p(p)
     h = _as_float64(h, "activations", ndim=2)
-    return _sorted_wasserstein_pp(_sort_rows(h.T.contiguous()), p) ** (1.0 / p)
+    return _each_order(_sort_rows(h.T.contiguous()), p, lambda wpp, order: wpp ** (1.0 / order))
 
 
-def sliced_wasserstein_to_normal(h, projections: torch.Tensor, p: int = 1, *, per_slice: bool = False):
+def sliced_wasserstein_to_normal(h, projections: torch.Tensor, p: int | tuple[int, ...] = 1, *, per_slice: bool = False):
     """Exact sliced W_p between the empirical law of the rows of ``h`` and N(0, I_d).
 
     SW_p = (mean_j W_p^p(<theta_j, h_i>, N(0, 1)))^(1/p), every slice's W_p exact (module docstring);
@@ -169,7 +180,8 @@ def sliced_wasserstein_to_normal(h, projections: torch.Tensor, p: int = 1, *, pe
     Args:
         h: (n, d) sample, one row per sample.
         projections: (d, s) unit directions (POT's convention), e.g. ``random_projections(d)``.
-        p: 1 or 2.
+        p: 1 or 2, or a tuple such as (1, 2): one projection and sort serve every order, and
+            the result is a tuple with one entry per order.
         per_slice: also return the (s,) tensor of W_p per direction.
 
     Returns:
@@ -184,14 +196,24 @@ def sliced_wasserstein_to_normal(h, projections: torch.Tensor, p: int = 1, *, pe
             f"{tuple(h.shape)}, got {tuple(projections.shape)}"
         )
     # (s, n): one row per direction, so each slice is sorted contiguously.
-    projected = _sort_rows(projections.T @ h.T)
-    wpp = _sorted_wasserstein_pp(projected, p)
-    sw = float(wpp.mean() ** (1.0 / p))
-    if per_slice:
-        return sw, wpp ** (1.0 / p)
-    return sw
+    return sliced_wasserstein_of_projected(projections.T @ h.T, p, per_slice=per_slice)
 
 
+def sliced_wasserstein_of_projected(projected: torch.Tensor, p: int | tuple[int, ...] = 1, *, per_slice: bool = False):
+    """SW_p to N(0, 1) from already projected values: (s, n) float64, one row per direction.
+
+    For callers that reuse one projection for several quantities (PER and SW of the same
+    directions); :func:`sliced_wasserstein_to_normal` documents the result.
+    """
+
+    def reduce(wpp, order):
+        sw = float(wpp.mean() ** (1.0 / order))
+        return (sw, wpp ** (1.0 / order)) if per_slice else sw
+
+    return _each_order(_sort_rows(projected), p, reduce)
+
+
+@lru_cache(maxsize=64)
 def w1_floor(n: int) -> float:
     """Smallest W1 any n equal-weight points can have to N(0, 1) (the slab medians Phi^{-1}((i-1/2)/n))."""
     if n < 1:

@@ -180,3 +180,15 @@ def test_w1_is_between_mean_gap_and_w2(sample):
     w2 = wasserstein_to_normal(sample, p=2)
     assert abs(np.mean(sample)) <= w1 + 1e-9 * (1 + abs(np.mean(sample)))
     assert w1 <= w2 + 1e-9 * (1 + w2)
+
+
+def test_tuple_orders_share_one_sort_and_equal_single_calls():
+    h = torch.randn(300, 5, dtype=torch.float64) + 0.2
+    projections = random_projections(5, 12, seed=4, dtype=torch.float64)
+    assert sliced_wasserstein_to_normal(h, projections, p=(1, 2)) == (
+        sliced_wasserstein_to_normal(h, projections, p=1),
+        sliced_wasserstein_to_normal(h, projections, p=2),
+    )
+    assert wasserstein_to_normal(h[:, 0], p=(1, 2)) == (wasserstein_to_normal(h[:, 0]), wasserstein_to_normal(h[:, 0], p=2))
+    both = unit_wasserstein_to_normal(h, p=(1, 2))
+    torch.testing.assert_close(both[1], unit_wasserstein_to_normal(h, p=2))
