@@ -181,6 +181,242 @@ def inspect(
         stdout.print(f"wrote {path}", highlight=False)
 
 
+@app.command()
+def compare(
+    model_a: Annotated[Path, typer.Argument(help="Checkpoint A (e.g. before training).")],
+    model_b: Annotated[
+        Optional[Path], typer.Argument(help="Checkpoint B (e.g. after training); omit it and give --data2 instead.")
+    ] = None,
+    data: Annotated[
+        Optional[Path],
+        typer.Option("--data", help="Inputs for both models, or for side A with --data2 (default: A's checkpoint sample data, val split)."),
+    ] = None,
+    data2: Annotated[
+        Optional[Path], typer.Option("--data2", help="Second dataset for one model: compare MODEL --data X --data2 Y.")
+    ] = None,
+    target_column: TargetColumnOption = None,
+    batch_size: BatchSizeOption = 256,
+    max_batches: Annotated[Optional[int], typer.Option("--max-batches", min=1, help="Stop after this many batches per side.")] = None,
+    random: Annotated[Optional[int], typer.Option("--random", help="Feed N random N(0,1) inputs (the same to both models).")] = None,
+    input_shape: Annotated[
+        Optional[str], typer.Option("--input-shape", help="Per-example input shape for --random, e.g. 1,8,8.")
+    ] = None,
+    arch: ArchOption = None,
+    arch_kwargs: ArchKwargsOption = None,
+    strict: StrictOption = True,
+    trust_checkpoint: TrustOption = False,
+    device: DeviceOption = "cpu",
+    layers: LayersOption = None,
+    types: TypesOption = None,
+    layout: LayoutOption = "auto",
+    max_samples: Annotated[
+        int, typer.Option("--max-samples", min=2, help="Reservoir rows per layer and side for the exact distances.")
+    ] = 4096,
+    projections: ProjectionsOption = 256,
+    seed: SeedOption = 0,
+    csv: Annotated[Optional[Path], typer.Option("--csv", help="Write the comparison table as CSV.")] = None,
+    json: Annotated[Optional[Path], typer.Option("--json", help="Write the table, settings and notes as JSON.")] = None,
+    plots: Annotated[Optional[Path], typer.Option("--plots", help="Folder for per-layer overlays and overview plots.")] = None,
+    plot_format: Annotated[str, typer.Option("--plot-format", help="png, svg or pdf.")] = "png",
+    html: Annotated[Optional[Path], typer.Option("--html", help="Write a self-contained HTML report.")] = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Compare two models on the same data, or one model on two datasets, layer by layer.
+
+    Per layer: each side's SW1 and PER to N(0,1), exact W1/SW1 between the sides (POT), changes in mean/std/zeros.
+    --arch and its options apply to both models.
+    """
+    from perdiag import workflow
+    from perdiag.compare import READING_NOTES, TERMINAL_COLUMNS, compare_inspections, side_labels
+    from perdiag.console import progress
+    from perdiag.data import iter_batches
+    from perdiag.diagnose import InspectSettings
+    from perdiag.report import render_table
+
+    if model_b is not None and data2 is not None:
+        raise PerdiagError(
+            "--data2 is for one model on two datasets (perdiag compare MODEL --data X --data2 Y); "
+            "two models both see --data"
+        )
+    if model_b is None and data2 is None:
+        raise PerdiagError(
+            "nothing to compare: give a second model (perdiag compare A B) or a second dataset (--data2 FILE)"
+        )
+    workflow.check_output_paths({"--csv": csv, "--json": json, "--html": html}, {"--plots": plots})
+    load = dict(arch=arch, arch_kwargs=arch_kwargs, strict=strict, trust_checkpoint=trust_checkpoint, device=device)
+    loaded_a = workflow.open_model(model_a, **load)
+    loaded_b = workflow.open_model(model_b, **load) if model_b is not None else loaded_a
+    chosen_a = workflow.open_examples(
+        loaded_a, data=data, target_column=target_column, random_n=random, input_shape=input_shape, seed=seed
+    )
+    chosen_b = workflow.open_examples(loaded_a, data=data2, target_column=target_column) if data2 else chosen_a
+    if model_b is not None:
+        labels = side_labels(str(model_a), str(model_b))
+    else:
+        labels = side_labels(str(data) if data is not None else "sample data (val)", str(data2))
+    settings = InspectSettings(
+        layers=layers, types=workflow.split_names(types), layout=layout, max_samples=max_samples,
+        n_projections=projections, seed=seed,
+    )
+    n_batches = sum(
+        min(-(-len(chosen.examples) // batch_size), max_batches or 1 << 62) for chosen in (chosen_a, chosen_b)
+    )
+    if not quiet:
+        for note in dict.fromkeys(loaded_a.notes + loaded_b.notes):
+            stderr.print(f"[dim]{note}[/dim]", highlight=False)
+        stderr.print(f"data A: {chosen_a.description}", highlight=False)
+        if chosen_b is not chosen_a:
+            stderr.print(f"data B: {chosen_b.description}", highlight=False)
+    with progress(stderr, n_batches, "compare", quiet=quiet) as advance:
+        result = compare_inspections(
+            loaded_a.model,
+            iter_batches(chosen_a.examples, batch_size, max_batches),
+            loaded_b.model,
+            iter_batches(chosen_b.examples, batch_size, max_batches),
+            settings,
+            labels=labels,
+            device=device,
+            on_batch=lambda _: advance(1),
+        )
+    result.settings.update(
+        {
+            "mode": "two models, one dataset" if model_b is not None else "one model, two datasets",
+            "model": f"A: {model_a}; B: {model_b or model_a}",
+            "model_a": str(model_a),
+            "model_b": str(model_b or model_a),
+            "loading": loaded_a.source if loaded_a.source == loaded_b.source else f"{loaded_a.source}/{loaded_b.source}",
+            "data_a": chosen_a.description,
+            "data_b": chosen_b.description,
+            "batch_size": batch_size,
+            "device": device,
+            **workflow.versions(),
+        }
+    )
+    written = workflow.write_compare_outputs(
+        result, csv=csv, json_path=json, plots=plots, html=html, plot_format=plot_format,
+        title=f"perdiag compare: {labels[0]} vs {labels[1]}",
+    )
+    if quiet:
+        return
+    render_table(result.table, stdout, title=f"A {labels[0]} vs B {labels[1]}", columns=TERMINAL_COLUMNS)
+    for line in READING_NOTES:
+        stdout.print(line, highlight=False)
+    for note in result.notes:
+        stdout.print(f"note: {note}", highlight=False)
+    for path in _summarise_paths(written):
+        stdout.print(f"wrote {path}", highlight=False)
+
+
+@app.command()
+def train(
+    model: Annotated[
+        Optional[Path], typer.Argument(help="Checkpoint to fine-tune (anything inspect loads); omit it with --resume.")
+    ] = None,
+    per_weight: Annotated[
+        Optional[float],
+        typer.Option("--per-weight", help="lambda, the regulariser's weight (0 disables it; the paper used 1e-4..3e-4). Required for a new run."),
+    ] = None,
+    reg: Annotated[Optional[str], typer.Option("--reg", help="per (default), l1 (mean |h|) or l2 (mean h^2), same weight and layers.")] = None,
+    projections: Annotated[
+        Optional[int], typer.Option("--projections", help="PER directions per layer, drawn afresh each step (default: 256).")
+    ] = None,
+    per_rows: Annotated[
+        Optional[int],
+        typer.Option("--per-rows", help="PER on a uniform random subset of at most this many rows per layer and step: an unbiased estimate; 0 = all rows (default: 256)."),
+    ] = None,
+    layers: LayersOption = None,
+    types: TypesOption = None,
+    layout: Annotated[Optional[str], typer.Option("--layout", help="How 3-D outputs are read: auto, channels_first or channels_last.")] = None,
+    data: Annotated[
+        Optional[Path], typer.Option("--data", help="Training inputs and targets (default: the checkpoint's train split).")
+    ] = None,
+    val_data: Annotated[
+        Optional[Path], typer.Option("--val-data", help="Validation inputs and targets (default: the checkpoint's val split).")
+    ] = None,
+    target_column: TargetColumnOption = None,
+    task: Annotated[
+        Optional[str], typer.Option("--task", help="classification (cross-entropy) or regression (MSE) (default: the checkpoint's task, else classification).")
+    ] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Epochs in total; with --resume, more to train further (default: 5).")] = None,
+    batch_size: Annotated[
+        Optional[int], typer.Option("--batch-size", help="GLOBAL batch: split over torchrun processes (default: 64).")
+    ] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate (default: 1e-3).")] = None,
+    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="sgd, adam or adamw (default: adam).")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="Weight decay (default: 0).")] = None,
+    seed: Annotated[
+        Optional[int], typer.Option("--seed", help="Seed for data order, PER directions and row subsets, val SW1 (default: 0).")
+    ] = None,
+    resume: Annotated[
+        Optional[Path], typer.Option("--resume", help="Continue the run saved in this checkpoint (same configuration).")
+    ] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", help="Output checkpoint (default: ./<model stem>_<reg>.pt; with --resume, the resumed file).")
+    ] = None,
+    metrics: Annotated[Optional[Path], typer.Option("--metrics", help="Write per-epoch metrics as CSV.")] = None,
+    plots: Annotated[Optional[Path], typer.Option("--plots", help="Folder for training curves and SW1 bars before/after.")] = None,
+    html: Annotated[Optional[Path], typer.Option("--html", help="Write a self-contained HTML report.")] = None,
+    arch: ArchOption = None,
+    arch_kwargs: ArchKwargsOption = None,
+    strict: StrictOption = True,
+    trust_checkpoint: TrustOption = False,
+    device: DeviceOption = "cpu",
+    quiet: QuietOption = False,
+) -> None:
+    """Fine-tune MODEL with the PER regulariser (or L1/L2) and report how activations move toward N(0,1).
+
+    Runs under torchrun too (DDP; only rank 0 writes). Ctrl-C saves a resumable checkpoint (exit 130).
+    """
+    from perdiag import train as training
+    from perdiag import workflow
+    from perdiag.console import progress
+    from perdiag.distributed import session
+
+    workflow.check_output_paths({"--out": out, "--metrics": metrics, "--html": html}, {"--plots": plots})
+    options = dict(
+        per_weight=per_weight, reg=reg, projections=projections, per_rows=per_rows, layers=layers,
+        types=workflow.split_names(types), layout=layout, data=data, val_data=val_data, target_column=target_column,
+        task=task, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay, seed=seed,
+    )
+    with session(device) as context:
+        plan = training.plan_run(
+            model, options=options, resume=resume, out=out, arch=arch, arch_kwargs=arch_kwargs, strict=strict,
+            trust_checkpoint=trust_checkpoint, device=str(context.device),
+        )
+        silent = quiet or not context.is_main
+        if not silent:
+            for note in plan.notes:
+                stderr.print(f"[dim]{note}[/dim]", highlight=False)
+            config = plan.config
+            stderr.print(
+                f"training {', '.join(name for name, _ in plan.layers)} with {config.reg} weight {config.per_weight:g}"
+                f" on {plan.config.data} ({len(plan.train)} examples), validating on {plan.config.val_data}; "
+                f"{context.world_size} process(es)",
+                highlight=False,
+            )
+        with progress(stderr, training.steps_remaining(plan, context.world_size), "train", quiet=silent, unit="steps") as advance:
+            try:
+                result = training.fit(
+                    plan, context, on_step=advance,
+                    on_epoch=None if silent else lambda row: stderr.print(training.epoch_line(row, plan.config), highlight=False),
+                )
+            except training.TrainingInterrupted as stopped:
+                if context.is_main:
+                    stderr.print(f"[bold yellow]stopped:[/bold yellow] {stopped}", highlight=False, soft_wrap=True)
+                raise typer.Exit(130) from None
+        if not context.is_main:
+            return
+        settings = training.run_settings(plan, context)
+        written = training.write_outputs(result, settings, metrics=metrics, plots=plots, html=html, notes=plan.notes)
+        if quiet:
+            return
+        stdout.print(training.metrics_table(result.metrics, f"{plan.out.name}: per-epoch metrics"))
+        for line in training.summary_lines(result, plan):
+            stdout.print(line, highlight=False)
+        for path in [str(result.checkpoint)] + _summarise_paths(written):
+            stdout.print(f"wrote {path}", highlight=False)
+
+
 def _print_layer_tree(loaded, chosen, batch_size: int, device: str) -> None:
     from rich.table import Table
 

@@ -237,3 +237,75 @@ def _check_folder(option: str, folder: Path, os) -> None:
         raise PerdiagError(f"cannot write {option} under {folder}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PerdiagError(f"cannot write {option} under {folder}: {existing} is not writable")
+
+
+def compare_plot_data(result) -> list:
+    """A :class:`perdiag.compare.CompareResult` -> one :class:`perdiag.compare_plots.ComparePlotData` per row."""
+    from perdiag.compare_plots import ComparePlotData
+
+    datas = []
+    for (name, report_a, report_b), row in zip(result.pairs(), result.table.itertuples(index=False)):
+        datas.append(
+            ComparePlotData(
+                name=name,
+                a=layer_plot_data(report_a) if report_a is not None else None,
+                b=layer_plot_data(report_b) if report_b is not None else None,
+                w1_between=float(row.w1_between),
+                sw1_between=float(row.sw1_between),
+            )
+        )
+    return datas
+
+
+def write_compare_outputs(
+    result,
+    *,
+    csv: str | Path | None = None,
+    json_path: str | Path | None = None,
+    plots: str | Path | None = None,
+    html: str | Path | None = None,
+    plot_format: str = "png",
+    title: str = "perdiag compare",
+) -> list[Path]:
+    """Write the files a user asked for from a :class:`~perdiag.compare.CompareResult`; returns their paths.
+
+    CSV: the comparison table (no index, NaN empty). JSON: ``{"settings", "notes", "layers"}`` with
+    NaN as null. Plots: per-layer overlays, ``overview`` and ``sw1_bars``. HTML: one self-contained
+    report (:mod:`perdiag.html`). Every file is written atomically.
+    """
+    from perdiag import compare_plots
+    from perdiag.compare import READING_NOTES
+    from perdiag.files import atomic_path
+    from perdiag.html import write_html
+    from perdiag.report import json_ready
+
+    written: list[Path] = []
+    if csv:
+        with atomic_path(csv) as temporary:
+            result.table.to_csv(temporary, index=False)
+        written.append(Path(csv))
+    if json_path:
+        document = {
+            "settings": json_ready(dict(result.settings)),
+            "notes": list(result.notes),
+            "layers": [json_ready(record) for record in result.table.to_dict(orient="records")],
+        }
+        text = json.dumps(document, indent=2, allow_nan=False, ensure_ascii=False)
+        with atomic_path(json_path) as temporary:
+            temporary.write_text(text + "\n", encoding="utf-8")
+        written.append(Path(json_path))
+    datas = compare_plot_data(result) if (plots or html) else []
+    if plots:
+        written.extend(compare_plots.save_compare_all(datas, result.table, plots, result.labels, fmt=plot_format))
+    if html:
+        write_html(
+            html,
+            title=title,
+            settings=result.settings,
+            table=result.table,
+            overview_images=compare_plots.compare_overview_images(datas, result.table, result.labels),
+            layer_images=compare_plots.compare_layer_images(datas, result.labels),
+            notes=[*READING_NOTES, *result.notes],
+        )
+        written.append(Path(html))
+    return written

@@ -1,0 +1,227 @@
+"""perdiag train: the regulariser's math, the loop's guarantees (resume, Ctrl-C, outputs) and the CLI."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from perdiag import train as training
+from perdiag.checkpoints import load_model
+from perdiag.cli import main
+from perdiag.data import iter_batches, load_examples
+from perdiag.diagnose import InspectSettings, inspect_model
+from perdiag.per import per_loss, random_projections
+
+ROOT = Path(__file__).resolve().parents[1]
+MLP = ROOT / "sample_checkpoints" / "digits_mlp.pt"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two cores shared with other tests: OpenMP threads contending make tiny kernels 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def plan(tmp_path: Path, name: str = "out.pt", **options) -> training.TrainPlan:
+    return training.plan_run(MLP, options=options, out=tmp_path / name)
+
+
+def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# -- the regulariser ------------------------------------------------------------------------------
+
+
+def test_row_subsets_give_an_unbiased_per_estimate():
+    generator = torch.Generator().manual_seed(3)
+    h = torch.randn(60, 5, generator=generator) * 2 + 0.5
+    projections = random_projections(5, 32, seed=1)
+    full = float(per_loss(h, projections))
+    rows = training.step_generator(0, 0, 1)
+    draws = torch.tensor([float(per_loss(training.sample_rows(h, 7, rows), projections)) for _ in range(4000)])
+    # The subsets differ (a real estimate, not the full loss every time) ...
+    assert draws.std() > 0.01
+    # ... and their mean is the full-batch loss within 4 standard errors.
+    assert abs(float(draws.mean()) - full) < 4 * float(draws.std()) / math.sqrt(len(draws))
+    assert training.sample_rows(h, 0, rows) is h and training.sample_rows(h, 60, rows) is h
+
+
+def test_l1_l2_penalties_on_a_constant_activation():
+    constant = torch.full((8, 3), -1.5, requires_grad=True)
+    assert training.activation_penalty(constant, "l1").item() == pytest.approx(1.5)
+    assert training.activation_penalty(constant, "l2").item() == pytest.approx(2.25)
+    # Through the capture callback, summed over two layers, with the closed-form gradient of l2: 2c/numel.
+    regulariser = training.StepRegulariser("l2", 4, 0, seed=0)
+    regulariser.begin_step(0)
+    regulariser("a", torch.nn.Identity(), constant, (8, 3))
+    regulariser("b", torch.nn.Identity(), torch.full((4, 2), 2.0), (4, 2))
+    assert regulariser.total.item() == pytest.approx(2.25 + 4.0)
+    regulariser.total.backward()
+    assert torch.allclose(constant.grad, torch.full((8, 3), 2 * -1.5 / 24))
+
+
+def test_step_directions_are_fresh_per_step_and_repeatable():
+    first = training.step_directions(4, 8, training.step_generator(0, 5, 0))
+    again = training.step_directions(4, 8, training.step_generator(0, 5, 0))
+    later = training.step_directions(4, 8, training.step_generator(0, 6, 0))
+    assert torch.equal(first, again) and not torch.allclose(first, later)
+    assert torch.allclose(first.norm(dim=0), torch.ones(8))
+    # Uniform on the sphere: E[theta theta^T] = I / d.
+    many = training.step_directions(4, 200_000, training.step_generator(1, 0, 0))
+    torch.testing.assert_close(many @ many.T / many.shape[1], torch.eye(4) / 4, atol=5e-3, rtol=0)
+
+
+# -- training runs --------------------------------------------------------------------------------
+
+
+def test_large_lambda_moves_val_sw1_toward_normal(tmp_path):
+    baseline = training.fit(plan(tmp_path, "a.pt", per_weight=0.0, epochs=1), save=False).metrics
+    regularised = training.fit(plan(tmp_path, "b.pt", per_weight=1.0, epochs=1), save=False).metrics
+    before = baseline["val_sw1"].iloc[0]
+    assert regularised["val_sw1"].iloc[0] == pytest.approx(before)  # same model, same seeded measurement
+    # Measured: lambda 0 keeps SW1 at ~1.11; lambda 1 brings it to ~0.67 in one epoch.
+    assert regularised["val_sw1"].iloc[-1] < baseline["val_sw1"].iloc[-1] - 0.2
+    assert regularised["val_sw1"].iloc[-1] < before - 0.2
+    assert regularised["val_accuracy"].iloc[-1] > 0.9  # and the task is not given up for it
+
+
+def test_output_loads_without_flags_and_matches_inspect(tmp_path):
+    run = plan(tmp_path, "nested/fine.pt", per_weight=0.1, epochs=1, per_rows=16)
+    result = training.fit(run)
+    assert result.checkpoint == tmp_path / "nested" / "fine.pt"
+    loaded = load_model(result.checkpoint)
+    assert loaded.source == "perdiag" and loaded.arch == "perdiag.models:DigitsMLP"
+    saved = loaded.checkpoint
+    assert saved["train_config"]["per_weight"] == 0.1 and saved["train_config"]["per_rows"] == 16
+    assert saved["epoch"] == 1 and saved["train_state"]["finished"] is True
+    assert set(training.METRIC_COLUMNS) <= set(saved["metrics"])
+    assert [row["epoch"] for row in saved["metrics_history"]] == [0, 1]
+    assert "state" in saved["optimizer_state"] and isinstance(saved["rng_state"]["torch"], torch.Tensor)
+    # sample_data stays valid from the new folder (stored relative, resolved on load).
+    assert Path(loaded.metadata["sample_data"]["val"]) == (ROOT / "sample_checkpoints" / "digits_mlp_val.pt").resolve()
+    assert not Path(saved["metadata"]["sample_data"]["val"]).is_absolute()
+    # The reported val SW1 is exactly what inspect computes on the same layers and data.
+    val = load_examples(loaded.metadata["sample_data"]["val"])
+    inspected = inspect_model(loaded.model, iter_batches(val, 100), InspectSettings(types=["ReLU"], seed=0))
+    assert inspected.table["sw1"].mean() == pytest.approx(saved["metrics"]["val_sw1"], rel=1e-9)
+
+
+def test_resume_and_ctrl_c_continue_exactly(tmp_path):
+    options = dict(per_weight=0.5, epochs=2, batch_size=128, per_rows=32, projections=64)
+    reference = training.fit(plan(tmp_path, "ref.pt", **options))
+    steps_per_epoch = training.steps_per_epoch(1437, 128)
+
+    # Ctrl-C after 3 steps of epoch 2 (a callback raising KeyboardInterrupt, as the signal would).
+    calls = {"n": 0}
+
+    def stop_after(k):
+        calls["n"] += 1
+        if calls["n"] == steps_per_epoch + 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(training.TrainingInterrupted) as stopped:
+        training.fit(plan(tmp_path, "run.pt", **options), on_step=stop_after)
+    assert stopped.value.checkpoint == tmp_path / "run.pt"
+    assert "--resume" in str(stopped.value)
+    partial = load_model(tmp_path / "run.pt").checkpoint
+    assert partial["epoch"] == 1 and partial["train_state"]["step_in_epoch"] == 3
+    assert partial["train_state"]["finished"] is False
+
+    resumed_plan = training.plan_run(None, options={}, resume=tmp_path / "run.pt")
+    assert training.steps_remaining(resumed_plan) == steps_per_epoch - 3
+    resumed = training.fit(resumed_plan)
+    assert resumed.checkpoint == tmp_path / "run.pt"  # --resume writes back to the resumed file
+    final = load_model(tmp_path / "run.pt").checkpoint
+    assert final["epoch"] == 2
+    for name, tensor in params(reference.model).items():
+        torch.testing.assert_close(params(resumed.model)[name], tensor, rtol=0, atol=0)
+    ref_opt = load_model(tmp_path / "ref.pt").checkpoint["optimizer_state"]
+    for key, state in ref_opt["state"].items():
+        torch.testing.assert_close(final["optimizer_state"]["state"][key]["exp_avg"], state["exp_avg"], rtol=0, atol=0)
+        assert int(final["optimizer_state"]["state"][key]["step"]) == int(state["step"]) == 2 * steps_per_epoch
+    columns = ["epoch", "steps", "train_task_loss", "train_reg", "val_loss", "val_sw1"]
+    pd.testing.assert_frame_equal(resumed.metrics[columns], reference.metrics[columns])
+
+    # A finished run resumes only to train further, from its saved epoch.
+    with pytest.raises(training.PerdiagError, match="already completed 2 epochs"):
+        training.plan_run(None, options={}, resume=tmp_path / "run.pt")
+    longer = training.plan_run(None, options={"epochs": 3}, resume=tmp_path / "run.pt")
+    assert training.steps_remaining(longer) == steps_per_epoch
+
+
+def test_cli_writes_checkpoint_metrics_plots_and_html(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as done:
+        main([
+            "train", str(MLP), "--per-weight", "1e-4", "--epochs", "1", "--batch-size", "256",
+            "--metrics", "m.csv", "--plots", "plots", "--html", "report.html",
+        ])
+    assert done.value.code in (0, None)
+    out = capsys.readouterr()
+    assert "before ->" in out.out and "epoch 1/1" in out.err
+    assert (tmp_path / "digits_mlp_per.pt").exists()  # the default output: ./<stem>_per.pt
+    metrics = pd.read_csv(tmp_path / "m.csv")
+    assert metrics["epoch"].tolist() == [0, 1] and "sw1/body.act1" in metrics.columns
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["sw1_after.png", "sw1_before.png", "training_curves.png"]
+    assert "training curves" in (tmp_path / "report.html").read_text()
+
+
+def test_cli_ctrl_c_exits_130_with_a_resumable_checkpoint(tmp_path, monkeypatch, capsys):
+    real_step = training.train_step
+    calls = {"n": 0}
+
+    def interrupted_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # mid-step: the update of step 3 never happens
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_step", interrupted_step)
+    out = tmp_path / "run.pt"
+    with pytest.raises(SystemExit) as done:
+        main(["train", str(MLP), "--per-weight", "0.01", "--epochs", "1", "--out", str(out), "-q"])
+    assert done.value.code == 130
+    message = capsys.readouterr().err
+    assert "--resume" in message and str(out) in message.replace("\n", "")
+    state = load_model(out).checkpoint["train_state"]
+    assert state["global_step"] == 2 and state["step_in_epoch"] == 2
+
+
+def test_sigint_stops_at_the_next_step_boundary(tmp_path):
+    import os
+    import signal
+
+    calls = {"n": 0}
+
+    def press_ctrl_c(k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler only sets a flag; the step already finished
+
+    with pytest.raises(training.TrainingInterrupted) as stopped:
+        training.fit(plan(tmp_path, per_weight=0.01, epochs=1), on_step=press_ctrl_c)
+    assert stopped.value.global_step == 3
+    assert load_model(tmp_path / "out.pt").checkpoint["train_state"]["global_step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+
+
+def test_interrupt_never_replaces_an_existing_output(tmp_path):
+    out = tmp_path / "out.pt"
+    out.write_bytes(b"an earlier run")
+
+    def stop(k):
+        raise KeyboardInterrupt
+
+    with pytest.raises(training.TrainingInterrupted) as stopped:
+        training.fit(plan(tmp_path, per_weight=0.01, epochs=1), on_step=stop)
+    assert out.read_bytes() == b"an earlier run"
+    assert stopped.value.checkpoint == tmp_path / "out_interrupted.pt"
+    assert load_model(stopped.value.checkpoint).checkpoint["train_state"]["global_step"] == 1
