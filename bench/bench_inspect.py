@@ -58,6 +58,32 @@ def time_ratio(n_batches: int, batch_size: int, repeats: int) -> list[tuple[str,
     ]
 
 
+def wider_cnn_ratio(n_batches: int, repeats: int) -> list[tuple[str, str]]:
+    """Context for the ratio: a CNN whose forward pass is heavier per activation value (fan-in 576-1152)."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(128 * 8 * 8, 10),
+    ).eval()
+    batches = [Batch(args=(torch.randn(32, 3, 32, 32),), kwargs={}, targets=None) for _ in range(n_batches)]
+
+    def plain_forward():
+        with torch.no_grad():
+            for batch in batches:
+                batch.call(model)
+
+    t_plain = best_time(plain_forward, repeats)
+    t_inspect = best_time(lambda: inspect_model(model, batches, InspectSettings()), repeats)
+    return [
+        ("model / data", f"3-conv CNN (64-128 channels), {n_batches} batches of 32 random 3x32x32 inputs"),
+        ("plain forward", f"{t_plain * 1e3:.0f} ms"),
+        ("inspect, default settings", f"{t_inspect * 1e3:.0f} ms"),
+        ("ratio", f"{t_inspect / t_plain:.2f}x"),
+    ]
+
+
 def peak_memory_child(n_batches: int, batch_size: int) -> None:
     """Run in a fresh process: inspect n_batches generated on the fly; print peak RSS in MiB."""
     model = load_model(CHECKPOINT).model.eval()
@@ -88,6 +114,7 @@ def main() -> None:
         return
     print(f"perdiag inspect benchmark (torch {torch.__version__}, {torch.get_num_threads()} threads)")
     print_table("Time: inspect vs a plain forward pass", time_ratio(args.batches, args.batch_size, args.repeats))
+    print_table("Context: a CNN with a heavier forward per activation", wider_cnn_ratio(20, args.repeats))
     one = peak_memory(args.batches, args.batch_size)
     ten = peak_memory(10 * args.batches, args.batch_size)
     print_table(

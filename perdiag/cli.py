@@ -106,6 +106,9 @@ def inspect(
     max_samples: Annotated[
         int, typer.Option("--max-samples", min=2, help="Reservoir rows per layer for PER and the exact distances.")
     ] = 4096,
+    max_values: Annotated[
+        int, typer.Option("--max-values", min=1, help="Cap on reservoir rows x units per layer (wide layers keep fewer rows).")
+    ] = 2**22,
     projections: ProjectionsOption = 256,
     seed: SeedOption = 0,
     csv: Annotated[Optional[Path], typer.Option("--csv", help="Write the per-layer table as CSV.")] = None,
@@ -136,6 +139,7 @@ def inspect(
         types=workflow.split_names(types),
         layout=layout,
         max_samples=max_samples,
+        max_values=max_values,
         n_projections=projections,
         seed=seed,
     )

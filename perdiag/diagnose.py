@@ -8,7 +8,6 @@ cost do not grow with the number of batches.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,7 +26,7 @@ from perdiag.distances import (
     wasserstein_to_normal,
 )
 from perdiag.errors import PerdiagError
-from perdiag.failures import name_failing_layer
+from perdiag.failures import call_naming_failures
 from perdiag.layout import n_units as layout_units
 from perdiag.layout import to_samples
 from perdiag.per import PER_OF_STANDARD_NORMAL, PER_OF_ZEROS, per_pointwise, random_projections
@@ -48,6 +47,9 @@ class InspectSettings:
     types: Sequence[str] | None = None
     layout: str = "auto"
     max_samples: int = 4096
+    #: Reservoir values (rows x units) per layer: wide layers keep fewer rows, never fewer than
+    #: MIN_RESERVOIR_ROWS, so one 25k-unit flatten cannot hold hundreds of MB. 2**22 floats = 16 MiB.
+    max_values: int = 2**22
     n_projections: int = 256
     seed: int = 0
     hist_range: tuple[float, float] = (-8.0, 8.0)
@@ -56,6 +58,8 @@ class InspectSettings:
     def __post_init__(self) -> None:
         if self.max_samples < 2:
             raise PerdiagError(f"--max-samples must be at least 2, got {self.max_samples}")
+        if self.max_values < 1:
+            raise PerdiagError(f"--max-values must be positive, got {self.max_values}")
         if self.n_projections < 1:
             raise PerdiagError(f"--projections must be at least 1, got {self.n_projections}")
         low, high = self.hist_range
@@ -139,6 +143,16 @@ def layer_distances(reservoir: torch.Tensor, projections: torch.Tensor) -> dict[
     }
 
 
+#: Fewest reservoir rows a layer keeps however wide it is (W1 floor ~0.003 at 256 rows).
+MIN_RESERVOIR_ROWS = 256
+
+
+def reservoir_rows(settings: InspectSettings, n_units: int) -> int:
+    """Rows kept for a layer of ``n_units``: --max-samples, lowered so rows x units <= --max-values."""
+    by_values = max(settings.max_values // max(n_units, 1), MIN_RESERVOIR_ROWS)
+    return min(settings.max_samples, by_values)
+
+
 class ProjectionBank:
     """Seeded directions shared by every layer of the same width (so layers are comparable)."""
 
@@ -185,7 +199,7 @@ def inspect_model(
         if accumulator is None:
             accumulator = LayerAccumulator(
                 samples.shape[1],
-                max_samples=settings.max_samples,
+                max_samples=reservoir_rows(settings, samples.shape[1]),
                 hist_range=settings.hist_range,
                 hist_bins=settings.hist_bins,
                 seed=settings.seed,
@@ -201,15 +215,13 @@ def inspect_model(
     n_batches = 0
     if scripted:
         capture = _OutputCapture(consume, settings.layout)
-        context = contextlib.nullcontext()
     else:
         capture = ActivationCapture(selected, consume, layout=settings.layout, detach=True)
-        context = name_failing_layer(model)
     input_dtype = _input_dtype(model)
-    with torch.no_grad(), context, capture:
+    with torch.no_grad(), capture:
         for batch in batches:
             batch = batch.to(device, dtype=input_dtype)
-            output = batch.call(model)
+            output = batch.call(model) if scripted else call_naming_failures(model, lambda: batch.call(model))
             if scripted:
                 capture.observe(model, output)
             n_batches += 1

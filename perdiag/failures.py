@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -90,3 +90,23 @@ def _is_input_error(message: str) -> bool:
     lowered = message.lower()
     words = ("shape", "size", "dimension", "dtype", "index out of range", "expected", "must match", "mat1")
     return any(word in lowered for word in words)
+
+
+def call_naming_failures(model: nn.Module, call: Callable[[], object]):
+    """``call()``, and if it fails with a shape-like error, run it once more with
+    :func:`name_failing_layer` to find and name the layer.
+
+    The happy path carries no tracing hooks at all (they cost a Python call per module and
+    batch); only a failing batch pays for the second, traced run.
+    """
+    try:
+        return call()
+    except (RuntimeError, IndexError) as first_error:
+        try:
+            with name_failing_layer(model):
+                call()
+        except PerdiagError:
+            raise
+        except (RuntimeError, IndexError):
+            pass
+        raise first_error

@@ -223,9 +223,10 @@ class LayerAccumulator:
         """All values finite, CPU: ``x`` is a float64 scratch copy of ``samples`` that may be overwritten."""
         mean = total / x.numel()
         low, high = torch.aminmax(samples)
-        nonzero = torch.count_nonzero(samples)
+        # eq(0).sum() is several times faster than count_nonzero on the CPU (bench/bench_inspect.py).
+        nonzero = samples.numel() - samples.eq(0).sum()
         position = _scratch("position", x.shape, torch.float64)
-        slots = _scratch("slots", x.shape, torch.int32).copy_(self._histogram_position(x, out=position))
+        slots = _scratch("slots", x.shape, torch.int64).copy_(self._histogram_position(x, out=position))
         self._hist[: self.hist_bins + 1] += torch.bincount(slots.reshape(-1), minlength=self.hist_bins + 1)
         if high.item() > self._hi:  # free on the CPU; most batches have nothing above the range
             self._above += torch.gt(x, self._hi, out=_scratch("above", x.shape, torch.bool)).sum()
@@ -245,7 +246,7 @@ class LayerAccumulator:
         # cannot move min or max (a batch without any finite value is ignored by the fold).
         filled = torch.where(finite, x, mean)
         low, high = torch.aminmax(filled)
-        nonzero = torch.count_nonzero(x)  # NaN and inf are non-zero
+        nonzero = x.ne(0).sum()  # NaN and inf are non-zero
         slots = torch.where(finite, self._histogram_position(filled).to(torch.int64), self.hist_bins + 1).reshape(-1)
         if self._cheap_readback:
             self._hist += torch.bincount(slots, minlength=self.hist_bins + 2)
