@@ -6,6 +6,7 @@ No statistics live here. User errors (:class:`perdiag.errors.PerdiagError`) are 
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -464,9 +465,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=args, prog_name="perdiag")
     except PerdiagError as err:
-        if debug:
-            traceback.print_exc()
-        stderr.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
+        # Under torchrun every rank meets the same user error: say it once (rank 0), exit 2 on all.
+        if os.environ.get("RANK", "0") == "0":
+            if debug:
+                traceback.print_exc()
+            stderr.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except Exception as err:  # noqa: BLE001 - the last line of defence for the CLI
         if debug:

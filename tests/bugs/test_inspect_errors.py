@@ -92,3 +92,12 @@ def test_failed_run_leaves_existing_outputs_untouched_and_no_temporary_files(run
 def test_debug_shows_the_traceback(run_cli, tmp_path):
     code, _, err = run_cli("inspect", tmp_path / "absent.pt", "--debug")
     assert code == 2 and "Traceback" in err
+
+
+def test_user_errors_are_printed_once_under_torchrun(run_cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    code, _, err = run_cli("inspect", tmp_path / "absent.pt")
+    assert code == 2 and err == ""
+    monkeypatch.setenv("RANK", "0")
+    code, _, err = run_cli("inspect", tmp_path / "absent.pt")
+    assert code == 2 and "absent.pt" in err
