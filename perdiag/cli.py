@@ -31,16 +31,21 @@ stderr = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
 
-@app.callback()
-def _root(
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
-) -> None:
-    """perdiag: activation diagnostics against N(0,1). Add --debug anywhere to see tracebacks."""
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         from perdiag import __version__
 
         stdout.print(f"perdiag {__version__}")
         raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """perdiag: activation diagnostics against N(0,1). Add --debug anywhere to see tracebacks."""
 
 
 # Options shared by the commands that load a model.
@@ -455,23 +460,37 @@ def _summarise_paths(paths: list[Path]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the app; user errors -> one line and exit 2 (``--debug`` anywhere shows tracebacks).
+    """Entry point: run the app; every user error -> one line on stderr and exit 2.
 
-    Typer (standalone mode) already turns usage errors into a message and exit code 2.
+    ``--debug`` anywhere on the command line shows tracebacks. Typer runs in non-standalone mode so
+    that its usage errors (unknown option, bad value) are printed here in the same one-line form.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [arg for arg in args if arg != "--debug"]
+    # Under torchrun every rank meets the same user error: say it once (rank 0), exit 2 on all.
+    speak = os.environ.get("RANK", "0") == "0"
     try:
-        app(args=args, prog_name="perdiag")
+        code = app(args=args, prog_name="perdiag", standalone_mode=False)
     except PerdiagError as err:
-        # Under torchrun every rank meets the same user error: say it once (rank 0), exit 2 on all.
-        if os.environ.get("RANK", "0") == "0":
+        if speak:
             if debug:
                 traceback.print_exc()
             stderr.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
     except Exception as err:  # noqa: BLE001 - the last line of defence for the CLI
+        if type(err).__name__ == "NoArgsIsHelpError":
+            sys.exit(err.exit_code)  # the help text is already on screen
+        if _is_usage_error(err):
+            if speak:
+                command = getattr(getattr(err, "ctx", None), "command_path", "perdiag")
+                message = " ".join(err.format_message().split())
+                stderr.print(f"[bold red]error:[/bold red] {message} (see '{command} --help')", highlight=False, soft_wrap=True)
+            sys.exit(err.exit_code)
+        if type(err).__name__ == "Abort":
+            sys.exit(130)
         if debug:
             raise
         stderr.print(
@@ -481,3 +500,10 @@ def main(argv: list[str] | None = None) -> None:
             soft_wrap=True,
         )
         sys.exit(1)
+    # As in typer's standalone mode, the entry point always ends with an explicit exit status.
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _is_usage_error(err: Exception) -> bool:
+    """Typer's (vendored click's) usage and parameter errors: they carry exit_code and format_message."""
+    return isinstance(getattr(err, "exit_code", None), int) and callable(getattr(err, "format_message", None))

@@ -193,10 +193,13 @@ def inspect_model(
     # Scripted modules accept no Python hooks: only the model's own output can be observed.
     selected = [(OUTPUT_LAYER, model)] if scripted else select_layers(model, settings.layers, settings.types)
     accumulators: dict[str, LayerAccumulator] = {}
+    # The shape of a layer's first output: a full batch (the last batch may be shorter).
+    first_shapes: dict[str, tuple[int, ...]] = {}
 
     def consume(name: str, module: nn.Module, samples: torch.Tensor, shape: tuple[int, ...]) -> None:
         accumulator = accumulators.get(name)
         if accumulator is None:
+            first_shapes[name] = tuple(shape)
             accumulator = LayerAccumulator(
                 samples.shape[1],
                 max_samples=reservoir_rows(settings, samples.shape[1]),
@@ -251,7 +254,7 @@ def inspect_model(
             LayerReport(
                 name=name,
                 module_type=module_types[name],
-                shape=capture.shapes[name],
+                shape=first_shapes[name],
                 calls=capture.calls[name],
                 summary=summary,
                 distances=layer_distances(reservoir, projections),
@@ -268,6 +271,9 @@ def inspect_model(
     run_settings = {
         **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()},
         "n_batches": n_batches,
+        # Rows actually kept (fewer than max_samples for small data or wide layers): the W1 floor
+        # printed with the report is for this n.
+        "reservoir_size": int(table["reservoir_size"].max()),
         "per_reference_standard_normal": PER_OF_STANDARD_NORMAL,
         "per_reference_zeros": PER_OF_ZEROS,
     }

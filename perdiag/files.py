@@ -32,7 +32,7 @@ def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterat
             prefix=f".{path.name}.", suffix=suffix if suffix is not None else ".tmp" + path.suffix, dir=folder
         )
     except OSError as err:
-        raise PerdiagError(f"cannot write to {folder}: {err.strerror}; choose a writable output path") from err
+        raise PerdiagError(f"cannot write {path}: {err.strerror}; choose a writable output path") from err
     os.close(handle)
     temporary = Path(temporary)
     # mkstemp creates 0600 files; give the output the permissions a plain open() would.

@@ -951,7 +951,7 @@ def run_settings(plan: TrainPlan, context: DistContext | None = None) -> dict:
         "device": str(context.device),
         "n_projections": SW1_PROJECTIONS,
         "max_samples": SW1_MAX_SAMPLES,
-        "val_sw1": f"exact SW1 of a {SW1_MAX_SAMPLES}-row reservoir per layer, {SW1_PROJECTIONS} directions, seed {plan.config.seed}",
+        "val_sw1": f"exact SW1 of up to {SW1_MAX_SAMPLES} rows per layer (uniform reservoir), {SW1_PROJECTIONS} directions, seed {plan.config.seed}",
         **versions(),
     }
 
@@ -1070,6 +1070,6 @@ def summary_lines(result: TrainResult, plan: TrainPlan) -> list[str]:
     return [
         f"val SW1 to N(0,1), mean over {len(names)} regularised layer(s) ({', '.join(names[:6])}"
         f"{', ...' if len(names) > 6 else ''}): {_number(first.get('val_sw1'))} before -> {_number(last.get('val_sw1'))} "
-        f"after epoch {last['epoch']} (exact, {SW1_MAX_SAMPLES}-row reservoir, {SW1_PROJECTIONS} directions, seed "
+        f"after epoch {last['epoch']} (exact, up to {SW1_MAX_SAMPLES} rows per layer, {SW1_PROJECTIONS} directions, seed "
         f"{plan.config.seed}; 0 would be N(0,1))",
     ]

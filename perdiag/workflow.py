@@ -7,6 +7,7 @@ calls these, and renders. A notebook can call them too.
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,32 +212,36 @@ def check_output_paths(files: dict[str, str | Path | None], folders: dict[str, s
     folder; a plot folder must not be a file. Checking first means a long run never ends in an
     unwritable path with nothing saved.
     """
-    import os
-
     for option, path in files.items():
         if path is None:
             continue
         path = Path(path)
         if path.is_dir():
             raise PerdiagError(f"{option} {path} is a folder; give a file name")
-        _check_folder(option, path.parent if str(path.parent) else Path("."), os)
+        _check_folder(option, path.parent if str(path.parent) else Path("."))
     for option, folder in (folders or {}).items():
         if folder is None:
             continue
         folder = Path(folder)
         if folder.exists() and not folder.is_dir():
             raise PerdiagError(f"{option} {folder} is a file, not a folder")
-        _check_folder(option, folder, os)
+        _check_folder(option, folder)
 
 
-def _check_folder(option: str, folder: Path, os) -> None:
+def _check_folder(option: str, folder: Path) -> None:
     existing = folder
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
         raise PerdiagError(f"cannot write {option} under {folder}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PerdiagError(f"cannot write {option} under {folder}: {existing} is not writable")
+    # Permission bits say nothing for root or special file systems (/proc): try a real file.
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise PerdiagError(
+            f"cannot write {option} under {folder}: {existing} is not writable ({err.strerror}); choose another path"
+        ) from err
 
 
 def compare_plot_data(result) -> list:

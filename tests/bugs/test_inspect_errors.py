@@ -101,3 +101,23 @@ def test_user_errors_are_printed_once_under_torchrun(run_cli, tmp_path, monkeypa
     monkeypatch.setenv("RANK", "0")
     code, _, err = run_cli("inspect", tmp_path / "absent.pt")
     assert code == 2 and "absent.pt" in err
+
+
+def test_special_file_systems_are_caught_before_any_work(run_cli, samples):
+    # Permission bits pass for root; /proc refuses new files all the same.
+    assert_user_error(run_cli("inspect", samples / "digits_mlp.pt", "--html", "/proc/report.html"), "--html", "/proc")
+
+
+def test_usage_errors_are_one_line_naming_help(run_cli, samples):
+    code, _, err = run_cli("inspect", samples / "digits_mlp.pt", "--batch-size", "abc")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--batch-size" in err and "perdiag inspect --help" in err
+    code, _, err = run_cli("train", samples / "digits_mlp.pt", "--output", "x.pt")
+    assert code == 2 and "--out" in err and len(err.strip().splitlines()) == 1
+
+
+def test_version(run_cli):
+    from perdiag import __version__
+
+    code, out, _ = run_cli("--version")
+    assert code == 0 and __version__ in out
