@@ -33,7 +33,6 @@ import math
 from functools import lru_cache
 
 import numpy as np
-import ot
 import torch
 
 from perdiag.errors import InputValueError
@@ -242,6 +241,8 @@ def wasserstein_between(x, y, p: int = 1) -> float:
     """
     if p < 1:
         raise InputValueError(f"p must be >= 1, got {p}")
+    import ot  # imported here: POT pulls in scikit-learn, seconds that only comparisons need
+
     x = _as_float64(x, "first sample", ndim=1).cpu().numpy()
     y = _as_float64(y, "second sample", ndim=1).cpu().numpy()
     return float(ot.wasserstein_1d(x, y, p=p)) ** (1.0 / p)
@@ -263,6 +264,8 @@ def sliced_wasserstein_between(hx, hy, projections: torch.Tensor, p: int = 1) ->
             f"samples and projections disagree on the number of units: {hx.shape[1]}, {hy.shape[1]} "
             f"and projections of shape {tuple(projections.shape)}"
         )
+    import ot
+
     return float(
         ot.sliced_wasserstein_distance(
             hx.cpu().numpy(), hy.cpu().numpy(), projections=projections.cpu().numpy(), p=p

@@ -136,10 +136,14 @@ def open_examples(
 
 
 def versions() -> dict[str, str]:
-    """Versions worth recording with every report."""
-    import ot
+    """Versions worth recording with every report (POT's read from its metadata: importing it is slow)."""
+    from importlib import metadata
 
-    return {"perdiag_version": __version__, "torch_version": torch.__version__, "pot_version": ot.__version__,
+    try:
+        pot_version = metadata.version("pot")
+    except metadata.PackageNotFoundError:
+        pot_version = "unknown"
+    return {"perdiag_version": __version__, "torch_version": torch.__version__, "pot_version": pot_version,
             "numpy_version": np.__version__}
 
 
