@@ -84,6 +84,11 @@ LayoutOption = Annotated[
 ]
 SeedOption = Annotated[int, typer.Option("--seed", help="Seed for projections, reservoir sampling and random inputs.")]
 ProjectionsOption = Annotated[int, typer.Option("--projections", min=1, help="Number of random directions (slices).")]
+InputShapeOption = Annotated[
+    Optional[str], typer.Option("--input-shape", help="Per-example input shape for --random, e.g. 1,8,8.")
+]
+PlotFormatOption = Annotated[str, typer.Option("--plot-format", help="png, svg or pdf.")]
+HtmlOption = Annotated[Optional[Path], typer.Option("--html", help="Write a self-contained HTML report.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 
 
@@ -97,9 +102,7 @@ def inspect(
     random: Annotated[
         Optional[int], typer.Option("--random", help="Feed N random N(0,1) inputs instead of data.")
     ] = None,
-    input_shape: Annotated[
-        Optional[str], typer.Option("--input-shape", help="Per-example input shape for --random, e.g. 1,8,8.")
-    ] = None,
+    input_shape: InputShapeOption = None,
     arch: ArchOption = None,
     arch_kwargs: ArchKwargsOption = None,
     strict: StrictOption = True,
@@ -120,8 +123,8 @@ def inspect(
     csv: Annotated[Optional[Path], typer.Option("--csv", help="Write the per-layer table as CSV.")] = None,
     json: Annotated[Optional[Path], typer.Option("--json", help="Write the table and settings as JSON.")] = None,
     plots: Annotated[Optional[Path], typer.Option("--plots", help="Folder for per-layer and overview plots.")] = None,
-    plot_format: Annotated[str, typer.Option("--plot-format", help="png, svg or pdf.")] = "png",
-    html: Annotated[Optional[Path], typer.Option("--html", help="Write a self-contained HTML report.")] = None,
+    plot_format: PlotFormatOption = "png",
+    html: HtmlOption = None,
     quiet: QuietOption = False,
 ) -> None:
     """Report, per layer, how far activations are from N(0,1): PER, exact SW1/SW2, W1/W2, moments."""
@@ -208,9 +211,7 @@ def compare(
     batch_size: BatchSizeOption = 256,
     max_batches: Annotated[Optional[int], typer.Option("--max-batches", min=1, help="Stop after this many batches per side.")] = None,
     random: Annotated[Optional[int], typer.Option("--random", help="Feed N random N(0,1) inputs (the same to both models).")] = None,
-    input_shape: Annotated[
-        Optional[str], typer.Option("--input-shape", help="Per-example input shape for --random, e.g. 1,8,8.")
-    ] = None,
+    input_shape: InputShapeOption = None,
     arch: ArchOption = None,
     arch_kwargs: ArchKwargsOption = None,
     strict: StrictOption = True,
@@ -227,8 +228,8 @@ def compare(
     csv: Annotated[Optional[Path], typer.Option("--csv", help="Write the comparison table as CSV.")] = None,
     json: Annotated[Optional[Path], typer.Option("--json", help="Write the table, settings and notes as JSON.")] = None,
     plots: Annotated[Optional[Path], typer.Option("--plots", help="Folder for per-layer overlays and overview plots.")] = None,
-    plot_format: Annotated[str, typer.Option("--plot-format", help="png, svg or pdf.")] = "png",
-    html: Annotated[Optional[Path], typer.Option("--html", help="Write a self-contained HTML report.")] = None,
+    plot_format: PlotFormatOption = "png",
+    html: HtmlOption = None,
     quiet: QuietOption = False,
 ) -> None:
     """Compare two models on the same data, or one model on two datasets, layer by layer.
@@ -365,7 +366,7 @@ def train(
     ] = None,
     metrics: Annotated[Optional[Path], typer.Option("--metrics", help="Write per-epoch metrics as CSV.")] = None,
     plots: Annotated[Optional[Path], typer.Option("--plots", help="Folder for training curves and SW1 bars before/after.")] = None,
-    html: Annotated[Optional[Path], typer.Option("--html", help="Write a self-contained HTML report.")] = None,
+    html: HtmlOption = None,
     arch: ArchOption = None,
     arch_kwargs: ArchKwargsOption = None,
     strict: StrictOption = True,

@@ -34,7 +34,9 @@ from perdiag.plots import (
     _empty_note,
     _ensure_folder,
     _finite,
+    _finish_thumbnail,
     _fmt,
+    _no_layers,
     _png_bytes,
     _save,
     _short,
@@ -185,16 +187,10 @@ def _compare_overview_figure(datas: Sequence[ComparePlotData], labels: tuple[str
         _draw_normal(ax, linewidth=0.7, label=None)
         ax.set_xlim(low, high)
         ax.set_ylim(0, min(top, cap) * 1.08)
-        ax.set_xticks([])
-        ax.set_yticks([])
         side = "" if data.a is not None and data.b is not None else (" (A only)" if data.a is not None else " (B only)")
-        ax.set_title(f"{_short(data.name, 24)}{side}  {_fmt(data.sw1_between, 2)}", fontsize=title_size, pad=1.5)
-        for spine in ax.spines.values():
-            spine.set_linewidth(0.4)
+        _finish_thumbnail(ax, f"{_short(data.name, 24)}{side}  {_fmt(data.sw1_between, 2)}", title_size)
     if not datas:
-        ax = figure.add_subplot()
-        _empty_note(ax, "no layers")
-        ax.set_axis_off()
+        _no_layers(figure)
     return figure, dpi
 
 

@@ -358,16 +358,25 @@ def _overview_figure(datas: Sequence[LayerPlotData], thumb: bool) -> tuple[Figur
         _draw_pooled_histogram(ax, data, linewidth=0.7, compact=True)
         for artist in ax.texts:
             artist.set_fontsize(4)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(f"{_short(data.name, 26)}  {_fmt(data.sw1, 2)}", fontsize=title_size, pad=1.5)
-        for spine in ax.spines.values():
-            spine.set_linewidth(0.4)
+        _finish_thumbnail(ax, f"{_short(data.name, 26)}  {_fmt(data.sw1, 2)}", title_size)
     if not datas:
-        ax = figure.add_subplot()
-        _empty_note(ax, "no layers")
-        ax.set_axis_off()
+        _no_layers(figure)
     return figure, dpi
+
+
+def _finish_thumbnail(ax, title: str, title_size: float) -> None:
+    """Overview-grid panel styling shared by inspect and compare overviews: no ticks, thin frame."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=title_size, pad=1.5)
+    for spine in ax.spines.values():
+        spine.set_linewidth(0.4)
+
+
+def _no_layers(figure: Figure) -> None:
+    ax = figure.add_subplot()
+    _empty_note(ax, "no layers")
+    ax.set_axis_off()
 
 
 def plot_overview(

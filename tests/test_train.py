@@ -20,13 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MLP = ROOT / "sample_checkpoints" / "digits_mlp.pt"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two cores shared with other tests: OpenMP threads contending make tiny kernels 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def plan(tmp_path: Path, name: str = "out.pt", **options) -> training.TrainPlan:

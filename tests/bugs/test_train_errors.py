@@ -17,12 +17,7 @@ MLP = ROOT / "sample_checkpoints" / "digits_mlp.pt"
 SENTINEL = b"an earlier run's checkpoint"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fails(tmp_path: Path, capsys, args: list[str], phrase: str) -> str:
