@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from perdiag.errors import PerdiagError
-from perdiag.layout import LAYOUTS, layout_for_module, to_samples
+from perdiag.layout import LAYOUTS, layout_for_module, to_samples, units_last
 
 #: Modules whose output is a nonlinearity's: the default selection for PER training.
 NONLINEARITY_TYPES: tuple[type[nn.Module], ...] = (
@@ -243,6 +243,13 @@ class ActivationCapture:
     With ``detach=True`` (inspection) ``samples`` carries no autograd graph; with ``detach=False``
     (training) it does, so a loss built from it back-propagates into the model.
 
+    With ``flatten=False`` the callback gets ``samples = units_last(out, layout)`` instead: the
+    (..., n_units) view with units on the last axis and every leading axis a sample axis, never a
+    copy (a channels-first (B, C, H, W) output arrives as its (B, H, W, C) ``movedim`` view), so a
+    consumer that pools all values or keeps a few rows (inspect's
+    :class:`~perdiag.stream.LayerAccumulator`) avoids the layout copy. ``samples.reshape(-1,
+    n_units)`` is what the default ``flatten=True`` passes.
+
     Hooks are registered on ``__enter__`` and removed on every exit, including exceptions, which
     propagate (``__exit__`` returns False). After (and during) the block:
 
@@ -259,6 +266,7 @@ class ActivationCapture:
         layout: str = "auto",
         detach: bool = True,
         model: nn.Module | None = None,
+        flatten: bool = True,
     ) -> None:
         if layout not in LAYOUTS:
             raise PerdiagError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
@@ -271,6 +279,7 @@ class ActivationCapture:
         self.on_activation = on_activation
         self.layout = layout
         self.detach = detach
+        self.flatten = flatten
         # Leaves of ``model`` that are not selected get tracking-only hooks, so that the layout of a
         # Conv1d output still reaches a selected ReLU two modules later.
         self._tracked = [
@@ -278,6 +287,12 @@ class ActivationCapture:
             for _, module in (_named_candidates(model) if model is not None and layout == "auto" else [])
             if id(module) not in seen and not any(True for _ in module.children())
         ]
+        # Only 1-D conv/norm/pool modules ever make "auto" mean channels-first; in a model without
+        # one every output is read "auto", and tracking layouts (a hook on every leaf) is skipped.
+        scope = model.modules() if model is not None else (m for _, top in self.layers for m in top.modules())
+        self._inherits = layout == "auto" and any(layout_for_module(m) == "channels_first" for m in scope)
+        if not self._inherits:
+            self._tracked = []
         self.calls: dict[str, int] = {name: 0 for name, _ in self.layers}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.skipped: dict[str, str] = {}
@@ -326,7 +341,7 @@ class ActivationCapture:
             out = out.detach()
         shape = tuple(out.shape)
         self.shapes[name] = shape
-        self.on_activation(name, module, to_samples(out, layout), shape)
+        self.on_activation(name, module, to_samples(out, layout) if self.flatten else units_last(out, layout), shape)
 
     def _track(self, module: nn.Module, args: tuple, output: object) -> None:
         """Hook on unselected modules: only passes the layout on to the modules that follow."""
@@ -335,7 +350,7 @@ class ActivationCapture:
             self._resolve_layout(module, args, out)
 
     def _resolve_layout(self, module: nn.Module, args: tuple, out: torch.Tensor) -> str:
-        if self.layout != "auto":
+        if not self._inherits:
             return self.layout
         # A container (or an in-place / identity module) returns a tensor a hooked module already
         # produced: its layout is known. Otherwise the output may inherit its input's layout.

@@ -49,7 +49,21 @@ def to_samples(activation: torch.Tensor, layout: str = "auto") -> torch.Tensor:
             last axis).
 
     Returns:
-        A 2-D view or copy of shape (n_samples, n_units); values are not changed or cast.
+        A 2-D view or copy of shape (n_samples, n_units); values are not changed or cast. It is
+        ``units_last(activation, layout).reshape(-1, n_units)``, a copy for channels-first outputs.
+    """
+    units = units_last(activation, layout)
+    return units if units.ndim == 2 else units.reshape(-1, units.shape[-1])
+
+
+def units_last(activation: torch.Tensor, layout: str = "auto") -> torch.Tensor:
+    """The same rule without flattening: a (..., n_units) *view* of ``activation``, units on the last axis.
+
+    Every leading axis is a sample axis, so ``units_last(a).reshape(-1, n_units)`` is
+    :func:`to_samples`. A channels-first (B, C, H, W) output gives the (B, H, W, C) ``movedim`` view,
+    which shares memory with ``activation`` (no copy); 1-D (B,) gives (B, 1) and 2-D is returned as is.
+    Statistics that pool all values (moments, histograms) can be read from the output's own memory
+    order, and only the rows a consumer keeps need gathering, e.g. with ``torch.unravel_index``.
     """
     if layout not in LAYOUTS:
         raise InputValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
@@ -62,8 +76,8 @@ def to_samples(activation: torch.Tensor, layout: str = "auto") -> torch.Tensor:
     if layout == "auto":
         layout = "channels_first" if activation.ndim >= 4 else "channels_last"
     if layout == "channels_first":
-        activation = activation.movedim(1, -1)
-    return activation.reshape(-1, activation.shape[-1])
+        return activation.movedim(1, -1)
+    return activation
 
 
 def n_units(shape: tuple[int, ...] | torch.Size, layout: str = "auto") -> int:

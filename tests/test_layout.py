@@ -1,10 +1,13 @@
 """The layout rule: channels/features are units, every other axis is samples."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from perdiag import PerdiagError, layout_for_module, n_units, to_samples
+from perdiag.layout import units_last
 
 
 def test_conv_feature_maps_are_channels_by_pixels():
@@ -47,3 +50,14 @@ def test_bad_layout_and_scalar_are_user_errors():
         to_samples(torch.randn(2, 3, 4), "nhwc")
     with pytest.raises(ValueError, match="scalar"):
         to_samples(torch.tensor(1.0))
+
+
+@pytest.mark.parametrize(
+    "shape, layout",
+    [((4, 3, 5, 2), "auto"), ((4, 3, 5), "auto"), ((4, 3, 5), "channels_first"), ((4, 3), "auto"), ((6,), "auto")],
+)
+def test_units_last_is_a_view_with_the_rows_of_to_samples(shape, layout):
+    activation = torch.arange(math.prod(shape), dtype=torch.float32).reshape(shape)
+    view = units_last(activation, layout)
+    assert view.untyped_storage().data_ptr() == activation.untyped_storage().data_ptr()
+    assert torch.equal(view.reshape(-1, view.shape[-1]), to_samples(activation, layout))
