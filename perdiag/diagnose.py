@@ -1,15 +1,20 @@
 """model + batches -> per-layer statistics: the computation behind ``perdiag inspect``.
 
 Streaming: every selected layer feeds a bounded :class:`~perdiag.stream.LayerAccumulator` from a
-forward hook (moments, histogram and counts over all values; a uniform reservoir of rows). After
-the last batch, the distances are computed once per layer on its reservoir, so memory and the final
-cost do not grow with the number of batches.
+forward hook (moments, histogram and counts over all values; a uniform reservoir of rows). The hook
+hands over the units-last *view* of the output (:func:`perdiag.layout.units_last`), never a layout
+copy: pooled statistics are read in the output's own memory order, only reservoir rows are gathered,
+and a layer whose output is a view of the previous one (``nn.Flatten``) reuses its pooled statistics
+(:class:`~perdiag.stream.SharedValuesMemo`). After the last batch, the distances are computed once
+per layer on its reservoir, two layers at a time on threads (:func:`distances_of_layers`), so
+memory and the final cost do not grow with the number of batches.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -28,9 +33,11 @@ from perdiag.distances import (
 from perdiag.errors import PerdiagError
 from perdiag.failures import call_naming_failures
 from perdiag.layout import n_units as layout_units
-from perdiag.layout import to_samples
-from perdiag.per import PER_OF_STANDARD_NORMAL, PER_OF_ZEROS, per_pointwise, random_projections
-from perdiag.stream import LayerAccumulator, LayerSummary
+from perdiag.layout import units_last
+from perdiag.per import PER_OF_STANDARD_NORMAL, PER_OF_ZEROS, random_projections
+from perdiag.stream import LayerAccumulator, LayerSummary, SharedValuesMemo
+
+_SQRT_HALF = math.sqrt(0.5)
 
 #: Name of the pseudo-layer reported for models whose internals cannot be hooked (TorchScript).
 OUTPUT_LAYER = "<output>"
@@ -118,15 +125,24 @@ def layer_distances(reservoir: torch.Tensor, projections: torch.Tensor) -> dict[
     ``per``, ``sw1`` and ``sw2`` use the same (d, s) directions, so ``per_minus_sw1`` >= 0 is the
     slack of the PER bound. ``w1``/``w2`` pool all m * d values into one 1-D sample; ``w1_unit_mean``
     and ``w1_unit_max`` summarise the d per-unit (marginal) W1 values. All in activation units.
+
+    Precision (the reservoir holds float32 rows): ``w1``, ``w2`` and the per-unit values are exact
+    for those rows (sorted as float32, closed forms in float64). The s * m projected values are
+    computed with a float32 matmul (relative error ~1e-7 each) and sorted as float32, then the slab
+    formulas of ``sw1``/``sw2`` run in float64; PER's f(t) - f(0) is evaluated in float32 and
+    averaged in float64 (:func:`_per_of_projected`). So ``per``, ``sw1``, ``sw2`` agree with the
+    float64 library functions (:func:`~perdiag.distances.sliced_wasserstein_to_normal`) to ~1e-7
+    relative, at half their cost; PER of an all-zero layer is exactly f(0) = sqrt(2/pi), and where
+    the bound is tight (a constant layer) ``per_minus_sw1`` may read about -1e-7 instead of 0.
     """
     if reservoir.shape[0] == 0:
         nan = float("nan")
         keys = ("per", "sw1", "sw2", "per_minus_sw1", "w1", "w2", "w1_unit_mean", "w1_unit_max", "w1_floor")
         return dict.fromkeys(keys, nan)
-    h = reservoir.to(torch.float64)
+    h = reservoir.to(torch.float32)
     # One (s, n) projection serves PER and both sliced distances: same directions, one matmul, one sort.
-    projected = projections.to(torch.float64).T @ h.T
-    per = float(per_pointwise(projected).mean())
+    projected = projections.to(torch.float32).T @ h.T
+    per = _per_of_projected(projected)
     sw1, sw2 = sliced_wasserstein_of_projected(projected, (1, 2))
     per_unit = unit_wasserstein_to_normal(h, p=1)
     w1, w2 = wasserstein_to_normal(h.reshape(-1), p=(1, 2))
@@ -141,6 +157,43 @@ def layer_distances(reservoir: torch.Tensor, projections: torch.Tensor) -> dict[
         "w1_unit_max": float(per_unit.max()),
         "w1_floor": w1_floor(h.shape[0]),
     }
+
+
+def _per_of_projected(projected: torch.Tensor) -> float:
+    """PER = mean f(t) over float32 projected values t (:func:`perdiag.per.per_pointwise`'s f).
+
+    f(t) = f(0) + t erf(t / sqrt 2) + f(0) expm1(-t^2 / 2) with f(0) = sqrt(2/pi): both terms after
+    f(0) are evaluated in float32 (erf and expm1 cost about half their float64 price) and summed
+    separately in float64, then combined with f(0) in float64. Each term's relative error is ~1e-7,
+    and an all-zero sample gives exactly sqrt(2/pi).
+    """
+    t = projected
+    slope_part = torch.erf(t * _SQRT_HALF).mul_(t).sum(dtype=torch.float64)
+    gauss_part = torch.expm1(t.square().mul_(-0.5)).sum(dtype=torch.float64)
+    return PER_OF_ZEROS + (float(slope_part) + PER_OF_ZEROS * float(gauss_part)) / t.numel()
+
+
+#: Most threads that compute layers' distances at once (see distances_of_layers). Each layer's
+#: float64 intermediates are a few times its reservoir (at most --max-values floats), so peak memory
+#: grows with this: two keeps both cores of a small machine busy.
+DISTANCE_WORKERS = 2
+
+
+def distances_of_layers(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[dict[str, float]]:
+    """:func:`layer_distances` of each (reservoir, projections) pair, in order.
+
+    Layers are independent, and their time goes to numpy sorts (single-threaded, GIL released) and
+    torch kernels (GIL released), so up to ``min(DISTANCE_WORKERS, torch.get_num_threads())`` layers
+    run at once on threads, the largest reservoirs first. Every layer is computed exactly as in a
+    serial loop, so the results do not depend on the number of threads.
+    """
+    workers = min(len(layers), DISTANCE_WORKERS, torch.get_num_threads())
+    if workers <= 1:
+        return [layer_distances(*layer) for layer in layers]
+    largest_first = sorted(range(len(layers)), key=lambda i: -layers[i][0].numel())
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="perdiag-distances") as pool:
+        futures = {i: pool.submit(layer_distances, *layers[i]) for i in largest_first}
+        return [futures[i].result() for i in range(len(layers))]
 
 
 #: Fewest reservoir rows a layer keeps however wide it is (W1 floor ~0.003 at 256 rows).
@@ -195,22 +248,29 @@ def inspect_model(
     accumulators: dict[str, LayerAccumulator] = {}
     # The shape of a layer's first output: a full batch (the last batch may be shorter).
     first_shapes: dict[str, tuple[int, ...]] = {}
+    # A layer whose output is a view of the previous captured output (nn.Flatten after pooling)
+    # reuses that output's pooled statistics; cleared after every batch.
+    memo = SharedValuesMemo()
 
     def consume(name: str, module: nn.Module, samples: torch.Tensor, shape: tuple[int, ...]) -> None:
+        # ``samples``: the (..., units) units-last view of the output (no layout copy); the
+        # accumulator reads pooled statistics in memory order and gathers only the rows it keeps.
+        width = samples.shape[-1]
         accumulator = accumulators.get(name)
         if accumulator is None:
             first_shapes[name] = tuple(shape)
             accumulator = LayerAccumulator(
-                samples.shape[1],
-                max_samples=reservoir_rows(settings, samples.shape[1]),
+                width,
+                max_samples=reservoir_rows(settings, width),
                 hist_range=settings.hist_range,
                 hist_bins=settings.hist_bins,
                 seed=settings.seed,
+                memo=memo,
             )
             accumulators[name] = accumulator
-        elif accumulator.n_units != samples.shape[1]:
+        elif accumulator.n_units != width:
             raise PerdiagError(
-                f"layer {name} changed width between calls ({accumulator.n_units} then {samples.shape[1]} units); "
+                f"layer {name} changed width between calls ({accumulator.n_units} then {width} units); "
                 "exclude it with --layers"
             )
         accumulator.update(samples)
@@ -219,7 +279,7 @@ def inspect_model(
     if scripted:
         capture = _OutputCapture(consume, settings.layout)
     else:
-        capture = ActivationCapture(selected, consume, layout=settings.layout, detach=True)
+        capture = ActivationCapture(selected, consume, layout=settings.layout, detach=True, flatten=False)
     input_dtype = _input_dtype(model)
     with torch.no_grad(), capture:
         for batch in batches:
@@ -227,6 +287,7 @@ def inspect_model(
             output = batch.call(model) if scripted else call_naming_failures(model, lambda: batch.call(model))
             if scripted:
                 capture.observe(model, output)
+            memo.clear()
             n_batches += 1
             if on_batch is not None:
                 on_batch(len(batch))
@@ -242,14 +303,13 @@ def inspect_model(
 
     bank = ProjectionBank(settings.n_projections, settings.seed)
     module_types = {name: type(module).__name__ for name, module in selected}
+    names = [name for name, _ in selected if name in accumulators]
+    summaries = [accumulators[name].result() for name in names]
+    directions = [bank(summary.n_units) for summary in summaries]
+    distances = distances_of_layers([(s.reservoir, d) for s, d in zip(summaries, directions)])
     reports = []
-    for name, _ in selected:
-        if name not in accumulators:
-            continue
-        summary = accumulators[name].result()
-        projections = bank(summary.n_units)
-        reservoir = summary.reservoir
-        preview = (reservoir.to(torch.float64) @ projections[:, :PREVIEW_DIRECTIONS]).reshape(-1).numpy()
+    for name, summary, projections, layer in zip(names, summaries, directions, distances):
+        preview = (summary.reservoir.to(torch.float64) @ projections[:, :PREVIEW_DIRECTIONS]).reshape(-1).numpy()
         reports.append(
             LayerReport(
                 name=name,
@@ -257,7 +317,7 @@ def inspect_model(
                 shape=first_shapes[name],
                 calls=capture.calls[name],
                 summary=summary,
-                distances=layer_distances(reservoir, projections),
+                distances=layer,
                 projected_preview=preview,
             )
         )
@@ -311,7 +371,7 @@ class _OutputCapture:
             return
         self.calls[OUTPUT_LAYER] = self.calls.get(OUTPUT_LAYER, 0) + 1
         self.shapes[OUTPUT_LAYER] = tuple(tensor.shape)
-        self.consume(OUTPUT_LAYER, model, to_samples(tensor.detach(), self.layout), tuple(tensor.shape))
+        self.consume(OUTPUT_LAYER, model, units_last(tensor.detach(), self.layout), tuple(tensor.shape))
 
 
 def expected_units(shape: Sequence[int], layout: str = "auto") -> int:

@@ -12,7 +12,9 @@ with z_0 = -inf and z_n = +inf. Each piece has a closed form in Phi and phi. Wit
     p = 2:  int_a^b (x - z)^2 phi(z) dz = x^2 w - 2 x (phi(a) - phi(b)) + w - (b phi(b) - a phi(a)),
 
 where w = Phi(b) - Phi(a) = 1/n, and z phi(z) = 0 at z = +-inf (never evaluated as inf * 0).
-The cost is one sort, O(n log n), in float64.
+The cost is one sort, O(n log n); the formulas run in float64. float32 (and float16/bfloat16) inputs
+are sorted as float32, which is exact (every float32 is a float64 and the cast keeps the order)
+and about twice as fast, then cast to float64.
 
 Conventions (as POT's): functions named ``*_to_normal`` / ``*_between`` return W_p and SW_p with
 the p-th root taken, in the units of the activations. The sliced distance over directions
@@ -72,18 +74,28 @@ def _normal_slabs(n: int, device: str) -> dict[str, torch.Tensor]:
 
 
 def _sort_rows(rows: torch.Tensor) -> torch.Tensor:
-    """Sort each row of a float64 tensor in ascending order.
+    """Sort each row of a float32 or float64 tensor in ascending order; the result is float64.
 
-    On the CPU numpy's vectorised sort is several times faster than ``torch.sort`` (measured in
-    bench/bench_math.py), and sorting needs no gradient, so the CPU path goes through numpy.
+    float32 rows are sorted as float32 and then cast: exactly the result of casting first (the cast
+    is exact and monotone), with half the memory traffic in the sort. On the CPU numpy's
+    vectorised sort is several times faster than ``torch.sort`` (measured in bench/bench_math.py),
+    and sorting needs no gradient, so the CPU path goes through numpy (which releases the GIL).
     """
     if rows.device.type == "cpu":
-        return torch.from_numpy(np.sort(rows.numpy(), axis=-1))
-    return torch.sort(rows, dim=-1).values
+        ordered = torch.from_numpy(np.sort(rows.detach().numpy(), axis=-1))
+    else:
+        ordered = torch.sort(rows, dim=-1).values
+    # Cast once here: float32-with-float64 arithmetic below would take a slow mixed-dtype path.
+    return ordered.to(torch.float64)
 
 
 def _sorted_wasserstein_pp(sorted_rows: torch.Tensor, p: int) -> torch.Tensor:
-    """W_p^p to N(0, 1) of each row of an (m, n) float64 tensor sorted along dim 1; returns (m,).
+    """W_p^p to N(0, 1) of each row of an (m, n) float64 tensor sorted along dim 1; returns (m,)."""
+    return _sorted_wasserstein_pps(sorted_rows, (p,))[0]
+
+
+def _sorted_wasserstein_pps(sorted_rows: torch.Tensor, orders: tuple[int, ...]) -> list[torch.Tensor]:
+    """W_p^p (float64) per row for each p in ``orders`` (1 and/or 2), from one gap to the slab means.
 
     Equivalent to the closed forms of the module docstring, arranged so that the expensive part is
     rare. With w = 1/n and m_i the slab's conditional mean:
@@ -97,9 +109,19 @@ def _sorted_wasserstein_pp(sorted_rows: torch.Tensor, p: int) -> torch.Tensor:
     n = sorted_rows.shape[1]
     slabs = _normal_slabs(n, str(sorted_rows.device))
     gap = sorted_rows - slabs["mean"]
-    if p == 2:
-        return gap.square_().sum(dim=1).div_(n).add_(slabs["spread"])
-    total = gap.abs_().sum(dim=1).div_(n)
+    results = {}
+    if 2 in orders:  # first: the p = 1 pass overwrites gap
+        results[2] = torch.linalg.vecdot(gap, gap).div_(n).add_(slabs["spread"])
+    if 1 in orders:
+        results[1] = _sorted_w1(sorted_rows, gap, slabs)
+    return [results[p] for p in orders]
+
+
+def _sorted_w1(sorted_rows: torch.Tensor, gap: torch.Tensor, slabs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The p = 1 case of :func:`_sorted_wasserstein_pps`; ``gap`` (sorted_rows - slab means) is overwritten."""
+    n = sorted_rows.shape[1]
+    gap_abs = gap.abs_()
+    total = gap_abs.sum(dim=1).div_(n)
     inside = torch.logical_and(sorted_rows > slabs["lo"], sorted_rows < slabs["hi"])
     rows, slab = torch.nonzero(inside, as_tuple=True)
     if rows.numel():
@@ -109,7 +131,7 @@ def _sorted_wasserstein_pp(sorted_rows: torch.Tensor, p: int) -> torch.Tensor:
         # 2 Phi(x) - (Phi(lo) + Phi(hi)) with Phi(x) = (1 + erf(x / sqrt 2)) / 2: an absolute error of
         # ~1e-16 is what matters here, and erf is cheaper than ndtr.
         exact = x * (torch.erf(x * _SQRT_HALF) + 1.0 - cdf_sum) + 2.0 * _density(x) - pdf_sum
-        correction = exact.clamp_min(0.0) - gap[rows, slab] / n
+        correction = exact.clamp_min(0.0) - gap_abs[rows, slab] / n
         total.index_add_(0, rows, correction)
     return total.clamp_min_(0.0)
 
@@ -125,12 +147,21 @@ def _check_p(p) -> tuple[int, ...]:
 def _each_order(sorted_rows: torch.Tensor, p, reduce):
     """Apply ``reduce(W_p^p per row, p)`` for each requested order; one value, or a tuple for tuple ``p``."""
     orders = _check_p(p)
-    values = tuple(reduce(_sorted_wasserstein_pp(sorted_rows, order), order) for order in orders)
+    values = tuple(reduce(wpp, order) for wpp, order in zip(_sorted_wasserstein_pps(sorted_rows, orders), orders))
     return values if isinstance(p, (tuple, list)) else values[0]
 
 
 def _as_float64(x, name: str, ndim: int) -> torch.Tensor:
     """Validate a sample and return it as a detached float64 tensor of rank ``ndim``."""
+    return _as_real(x, name, ndim).to(torch.float64)
+
+
+def _as_real(x, name: str, ndim: int) -> torch.Tensor:
+    """Validate a sample and return it detached, of rank ``ndim``, as float32 or float64.
+
+    float32, float16 and bfloat16 samples become float32 (exact), everything else float64: a sample
+    that is only sorted (:func:`_sort_rows`) gives the same float64 result either way.
+    """
     if not isinstance(x, torch.Tensor):
         try:
             x = torch.as_tensor(np.asarray(x, dtype=np.float64))
@@ -147,7 +178,7 @@ def _as_float64(x, name: str, ndim: int) -> torch.Tensor:
         raise InputValueError(f"{name} is empty: shape {tuple(x.shape)}")
     if x.is_complex() or x.dtype == torch.bool:
         raise InputValueError(f"{name} must be real-valued, got {x.dtype}")
-    x = x.to(torch.float64)
+    x = x.to(torch.float32 if x.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float64)
     # A finite sum proves every value finite (NaN and inf propagate); only an overflowing sum of
     # huge finite values needs the full elementwise check.
     if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
@@ -159,7 +190,8 @@ def wasserstein_to_normal(x, p: int | tuple[int, ...] = 1):
     """Exact W_p (p = 1 or 2) between the equal-weight empirical law of ``x`` and N(0, 1).
 
     Args:
-        x: 1-D sample (tensor, array or sequence), any float dtype; computed in float64.
+        x: 1-D sample (tensor, array or sequence), any float dtype; computed in float64 (float32
+            samples are sorted as float32, which gives the same result).
         p: 1 or 2, or a tuple such as (1, 2) to get both from one sort (returns a tuple).
 
     Returns:
@@ -167,7 +199,7 @@ def wasserstein_to_normal(x, p: int | tuple[int, ...] = 1):
         has W1 = E|Y| = sqrt(2/pi) and W2 = 1; a single point t has W1 = t erf(t/sqrt 2) + 2 phi(t).
     """
     _check_p(p)
-    x = _as_float64(x, "sample", ndim=1)
+    x = _as_real(x, "sample", ndim=1)
     return _each_order(_sort_rows(x.reshape(1, -1)), p, lambda wpp, order: float(wpp[0] ** (1.0 / order)))
 
 
@@ -177,7 +209,7 @@ def unit_wasserstein_to_normal(h, p: int | tuple[int, ...] = 1):
     With a tuple ``p``, a tuple of such tensors (one sort for all orders).
     """
     _check_p(p)
-    h = _as_float64(h, "activations", ndim=2)
+    h = _as_real(h, "activations", ndim=2)
     return _each_order(_sort_rows(h.T.contiguous()), p, lambda wpp, order: wpp ** (1.0 / order))
 
 
@@ -211,10 +243,12 @@ def sliced_wasserstein_to_normal(h, projections: torch.Tensor, p: int | tuple[in
 
 
 def sliced_wasserstein_of_projected(projected: torch.Tensor, p: int | tuple[int, ...] = 1, *, per_slice: bool = False):
-    """SW_p to N(0, 1) from already projected values: (s, n) float64, one row per direction.
+    """SW_p to N(0, 1) from already projected values: (s, n), one row per direction.
 
     For callers that reuse one projection for several quantities (PER and SW of the same
-    directions); :func:`sliced_wasserstein_to_normal` documents the result.
+    directions); :func:`sliced_wasserstein_to_normal` documents the result. float64 values give the
+    exact distances of those values; float32 values (inspect projects its float32 reservoir in
+    float32) are sorted as float32 and evaluated in float64, exactly as if cast first.
     """
 
     def reduce(wpp, order):

@@ -10,8 +10,18 @@ import pytest
 import scipy.stats
 import torch
 
+from perdiag import stream
 from perdiag.errors import InputValueError
-from perdiag.stream import _SLOTS, LayerAccumulator
+from perdiag.stream import (
+    _SLOTS,
+    LayerAccumulator,
+    SharedValuesMemo,
+    batch_moments,
+    count_slot_pairs,
+    count_where,
+    memory_order,
+    slot_counts_from_pairs,
+)
 
 UNEVEN = [1, 2, 97, 500, 3, 1000, 64, 1333]  # sums to 3000
 
@@ -249,3 +259,279 @@ def test_bf16_values_on_bin_edges_match_numpy():
     feed(acc, x, [1000, 3000])
     counts, _ = np.histogram(x.double().numpy().ravel(), bins=160, range=(-8.0, 8.0))
     np.testing.assert_array_equal(acc.result().hist_counts, counts)
+
+
+# -- the CPU fast paths: units-last input, numpy small batches, pair-packed histogram, shared values --
+
+
+def reference(values: np.ndarray, hist_range=(-8.0, 8.0), bins=160) -> dict:
+    """float64 numpy reference of the pooled statistics of all finite values."""
+    finite = values[np.isfinite(values)].astype(np.float64)
+    counts, _ = np.histogram(finite, bins=bins, range=hist_range)
+    return {
+        "n": finite.size,
+        "mean": finite.mean(),
+        "std": finite.std(),
+        "skew": scipy.stats.skew(finite, bias=True),
+        "kurtosis": scipy.stats.kurtosis(finite, bias=True),
+        "min": finite.min(),
+        "max": finite.max(),
+        "frac_zero": np.mean(finite == 0),
+        "counts": counts,
+        "below": int((finite < hist_range[0]).sum()),
+        "above": int((finite > hist_range[1]).sum()),
+        "nonfinite": int((~np.isfinite(values)).sum()),
+    }
+
+
+def assert_matches(summary, ref, rel=1e-12):
+    assert summary.n_values == ref["n"] and summary.n_nonfinite == ref["nonfinite"]
+    assert summary.mean == pytest.approx(ref["mean"], rel=rel, abs=1e-300)
+    assert summary.std == pytest.approx(ref["std"], rel=rel)
+    assert summary.skew == pytest.approx(ref["skew"], rel=1e-9, abs=1e-9)
+    assert summary.kurtosis == pytest.approx(ref["kurtosis"], rel=1e-9, abs=1e-9)
+    assert summary.min == ref["min"] and summary.max == ref["max"]
+    assert summary.frac_zero == pytest.approx(ref["frac_zero"], rel=1e-15)
+    np.testing.assert_array_equal(summary.hist_counts, ref["counts"])
+    assert summary.n_below == ref["below"] and summary.n_above == ref["above"]
+
+
+def relu_like_maps(n_batches: int, shape, seed: int, dtype=torch.float32, loc=0.3, scale=1.7) -> list[torch.Tensor]:
+    """(B, C, H, W) batches with exact zeros, a long right tail and values beyond the histogram range."""
+    generator = torch.Generator().manual_seed(seed)
+    maps = []
+    for _ in range(n_batches):
+        x = loc + scale * torch.randn(*shape, generator=generator, dtype=torch.float64)
+        x = torch.where(x < 0, 0.0, x + 0.2 * torch.randn(*shape, generator=generator, dtype=torch.float64) ** 3)
+        x.view(-1)[:5] = torch.tensor([-9.0, -8.0, 8.0, 9.5, -0.0], dtype=torch.float64)  # edges and beyond
+        maps.append(x.to(dtype))
+    return maps
+
+
+# Batches of 2 * 8 * 8 * 8 = 1024 values take the numpy path, 16 * 8 * 32 * 32 = 131072 the torch path.
+@pytest.mark.parametrize("shape", [(2, 8, 8, 8), (16, 8, 32, 32)], ids=["numpy-small", "torch-large"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_fast_paths_match_a_float64_reference_over_batches(shape, dtype):
+    maps = relu_like_maps(3, shape, seed=11, dtype=dtype)
+    acc = LayerAccumulator(shape[1], max_samples=64)
+    for x in maps:
+        acc.update(x.movedim(1, -1))  # units-last view, as inspect passes it
+    values = np.concatenate([x.double().numpy().ravel() for x in maps])  # values as rounded to dtype
+    summary = acc.result()
+    ref = reference(values)
+    assert ref["below"] > 0 and ref["above"] > 0 and ref["frac_zero"] > 0.05  # every slot kind is used
+    assert_matches(summary, ref)
+    assert summary.n_samples == 3 * shape[0] * shape[2] * shape[3] and summary.flags == []
+
+
+@pytest.mark.parametrize("n_values", [4000, 200_000], ids=["numpy-small", "torch-large"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_large_mean_small_spread_keeps_std_accurate(n_values, dtype):
+    generator = torch.Generator().manual_seed(3)
+    batches = [(1e6 + torch.randn(n_values // 4, 4, generator=generator, dtype=torch.float64)).to(dtype) for _ in range(3)]
+    acc = LayerAccumulator(4, max_samples=0)
+    for x in batches:
+        acc.update(x)
+    values = np.concatenate([x.double().numpy().ravel() for x in batches])
+    summary = acc.result()
+    # float32 holds 1e6 +- 3 in steps of 1/16: the reference is the rounded values' own moments.
+    assert summary.mean == pytest.approx(values.mean(), rel=1e-14)
+    assert summary.std == pytest.approx(values.std(), rel=1e-9)
+    assert summary.skew == pytest.approx(scipy.stats.skew(values), abs=1e-7)
+    assert summary.kurtosis == pytest.approx(scipy.stats.kurtosis(values), abs=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 8), (16, 8, 32, 32)], ids=["numpy-small", "torch-large"])
+def test_nonfinite_batches_in_units_last_views(shape):
+    maps = relu_like_maps(3, shape, seed=5)
+    maps[1][0, 2, 3, 4] = float("nan")
+    maps[1][1, 0, 0, 0] = float("inf")
+    maps[2][0, 5, 7, 7] = float("-inf")
+    acc = LayerAccumulator(shape[1], max_samples=10_000)
+    for x in maps:
+        acc.update(x.movedim(1, -1))
+    summary = acc.result()
+    values = np.concatenate([x.double().numpy().ravel() for x in maps])
+    assert_matches(summary, reference(values))
+    assert summary.flags == ["nonfinite"] and summary.rows_dropped_nonfinite == 3
+    rows_per_batch = shape[0] * shape[2] * shape[3]
+    assert summary.reservoir.shape == (min(10_000, 3 * rows_per_batch - 3), shape[1])
+    assert torch.isfinite(summary.reservoir).all()
+
+
+@pytest.mark.parametrize("n_rows", [50, 20_000], ids=["numpy-small", "torch-large"])
+def test_constant_batches_on_the_fast_paths(n_rows):
+    acc = LayerAccumulator(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            acc.update(torch.full((n_rows, 4), -2.5))
+        summary = acc.result()
+    assert summary.mean == -2.5 and summary.std == 0.0 and summary.min == summary.max == -2.5
+    assert math.isnan(summary.skew) and math.isnan(summary.kurtosis) and summary.flags == ["constant"]
+    assert summary.hist_counts[55] == summary.hist_counts.sum() == 3 * 4 * n_rows  # bin [-2.5, -2.4)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7, 4), (64, 6, 20, 20)], ids=["numpy-small", "torch-large"])
+def test_units_last_view_equals_the_flattened_matrix(shape):
+    """(..., units) input reads the same values as to_samples' (n, units) copy, rows in the same order."""
+    maps = relu_like_maps(4, shape, seed=8)
+    by_view, by_matrix = LayerAccumulator(shape[1], max_samples=300, seed=2), LayerAccumulator(shape[1], max_samples=300, seed=2)
+    for x in maps:
+        by_view.update(x.movedim(1, -1))
+        by_matrix.update(x.movedim(1, -1).reshape(-1, shape[1]).clone())
+    a, b = by_view.result(), by_matrix.result()
+    for name in ("n_values", "n_samples", "min", "max", "n_below", "n_above", "flags"):
+        assert getattr(a, name) == getattr(b, name), name
+    for name in ("mean", "std", "skew", "kurtosis", "frac_zero"):
+        assert getattr(a, name) == pytest.approx(getattr(b, name), rel=1e-12), name
+    np.testing.assert_array_equal(a.hist_counts, b.hist_counts)
+    assert torch.equal(a.reservoir, b.reservoir)  # same keys for the same rows: the same sample
+
+
+def test_reservoir_rows_are_copies_of_the_units_last_rows():
+    x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)  # every row distinct
+    acc = LayerAccumulator(3, max_samples=1000)
+    view = x.movedim(1, -1)
+    acc.update(view)
+    x.zero_()  # an in-place op after the hook: kept rows must not change
+    kept = acc.result().reservoir
+    expected = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5).movedim(1, -1).reshape(-1, 3)
+    assert sorted(map(tuple, kept.tolist())) == sorted(map(tuple, expected.tolist()))
+
+
+@pytest.mark.parametrize(
+    "hist_range, bins",
+    [((-8.0, 8.0), 160), ((-1.0, 2.0), 7), ((0.0, 3.0), 400), ((-5.0, 5.0), 179)],
+    ids=["default", "fractional-offset", "unpaired-many-bins", "largest-paired"],
+)
+@pytest.mark.parametrize("n_values", [3001, 200_001], ids=["numpy-small", "torch-large-odd"])
+def test_histogram_counts_equal_numpy_for_other_ranges(hist_range, bins, n_values):
+    generator = torch.Generator().manual_seed(21)
+    x = (2.5 * torch.randn(n_values, 1, generator=generator, dtype=torch.float64)).to(torch.float32)
+    x[:4, 0] = torch.tensor([hist_range[0], hist_range[1], 0.0, hist_range[1] + 1.0])  # both edges, and beyond
+    acc = LayerAccumulator(1, hist_range=hist_range, hist_bins=bins, max_samples=0)
+    acc.update(x[: n_values // 3])
+    acc.update(x[n_values // 3 :])
+    summary = acc.result()
+    values = x.double().numpy().ravel()
+    counts, _ = np.histogram(values, bins=bins, range=hist_range)
+    np.testing.assert_array_equal(summary.hist_counts, counts)
+    assert summary.n_below == int((values < hist_range[0]).sum())
+    assert summary.n_above == int((values > hist_range[1]).sum())
+
+
+def test_count_slot_pairs_equals_bincount():
+    generator = torch.Generator().manual_seed(0)
+    for n_slots, offset in ((162, 81), (7, 0), (181, 3)):
+        slots = torch.randint(0, n_slots, (10_000,), generator=generator).to(torch.float32) - offset
+        expected = torch.bincount((slots + offset).to(torch.int64), minlength=n_slots)
+        table = count_slot_pairs(slots.clone(), n_slots, offset)
+        assert table.shape == (n_slots * n_slots,)
+        assert torch.equal(slot_counts_from_pairs(table, n_slots), expected)
+    with pytest.raises(InputValueError, match="even"):
+        count_slot_pairs(torch.zeros(3), 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_count_where_is_exact_in_chunks(monkeypatch, dtype):
+    values = torch.tensor([0.0, 1.0, 0.0, -0.0, 2.0] * 1000, dtype=dtype)
+    assert count_where(torch.eq, values, 0.0) == 3000 and count_where(torch.gt, values, 1.5) == 1000
+    monkeypatch.setattr(stream, "_EXACT_FLOAT32_COUNT", 7)  # as if the batch were over 2**24 values
+    assert count_where(torch.eq, values, 0.0) == 3000 and count_where(torch.gt, values, 1.5) == 1000
+
+
+def test_memory_order_views_permuted_tensors_and_copies_the_rest():
+    x = torch.randn(2, 3, 4, 5)
+    for view in (x, x.movedim(1, -1), x.permute(3, 1, 0, 2), x.reshape(6, 20).T):
+        flat = memory_order(view)
+        assert flat.data_ptr() == x.data_ptr() and torch.equal(flat, x.reshape(-1))
+    sliced = x[:, :2]
+    flat = memory_order(sliced)
+    assert flat.data_ptr() != x.data_ptr() and torch.equal(flat, sliced.reshape(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_batch_moments_against_numpy(dtype):
+    generator = torch.Generator().manual_seed(9)
+    x = (3.0 + 0.5 * torch.randn(50_000, generator=generator, dtype=torch.float64) ** 3).to(dtype)
+    values = x.double().numpy()
+    expected = (values.mean(), *(((values - values.mean()) ** k).sum() for k in (2, 3, 4)))
+    low, high = float(values.min()), float(values.max())
+    inputs = [x] + ([x.numpy()] if dtype != torch.float16 else [])  # torch (large) and numpy (small) forms
+    for form in inputs:
+        got = batch_moments(form, low, high)
+        for value, want in zip(got, expected):
+            assert value == pytest.approx(want, rel=1e-11, abs=1e-9)
+    assert batch_moments(torch.full((10,), 7.0, dtype=dtype), 7.0, 7.0) == (7.0, 0.0, 0.0, 0.0)
+
+
+def test_shared_values_are_reduced_once_and_stay_correct():
+    """A flatten view of the previous output reuses its pooled statistics; an in-place write does not."""
+    generator = torch.Generator().manual_seed(4)
+    memo = SharedValuesMemo()
+    pooled = LayerAccumulator(8, memo=memo)
+    flat = LayerAccumulator(8 * 16 * 16, memo=memo)
+    relu = LayerAccumulator(8, memo=memo)
+    alone = LayerAccumulator(8 * 16 * 16)
+    calls = []
+    original = LayerAccumulator._pool_finite
+
+    def counting(self, *args):
+        calls.append(self)
+        return original(self, *args)
+
+    LayerAccumulator._pool_finite = counting
+    try:
+        for _ in range(3):
+            x = torch.randn(40, 8, 16, 16, generator=generator)
+            pooled.update(x.movedim(1, -1))
+            flat.update(x.flatten(1))  # the same memory: reused
+            alone.update(x.flatten(1))
+            x.relu_()  # in place: the version changes, so the next reader recomputes
+            relu.update(x.movedim(1, -1))
+            memo.clear()
+    finally:
+        LayerAccumulator._pool_finite = original
+    assert calls.count(flat) == 0 and calls.count(pooled) == 3 and calls.count(relu) == 3
+    a, b, r = flat.result(), alone.result(), relu.result()
+    for name in ("n_values", "mean", "std", "skew", "kurtosis", "min", "max", "frac_zero", "n_above"):
+        assert getattr(a, name) == getattr(b, name), name
+    np.testing.assert_array_equal(a.hist_counts, b.hist_counts)
+    assert torch.equal(a.reservoir, b.reservoir)
+    assert r.min == 0.0 and r.frac_zero > 0.4  # the post-ReLU values, not the memo's
+
+
+@pytest.mark.parametrize("n_values", [3000, 200_000], ids=["numpy-small", "torch-large"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_histogram_of_batches_inside_the_range_skips_the_clamp_exactly(n_values, dtype):
+    """Batches whose extremes are inside the range skip the clamp; values at (float32 roundings of)
+    interior edges bin exactly as numpy: the slot arithmetic is float64, where x * 10 is exact."""
+    generator = torch.Generator().manual_seed(13)
+    x = (7.99 * (2 * torch.rand(n_values, 2, generator=generator, dtype=torch.float64) - 1)).to(dtype)
+    if dtype == torch.float32:
+        # float32 values nearest to every interior edge (some below it, some above): exact in float64.
+        # (float64 values within an ulp of an edge may bin either way, as numpy's own nudging shows.)
+        x[:159, 0] = torch.linspace(-7.9, 7.9, 159, dtype=torch.float64).to(dtype)
+    x[0, 1], x[1, 1] = -8.0, 7.999  # the lowest edge itself, and just below the top
+    acc = LayerAccumulator(2, max_samples=0)
+    acc.update(x)
+    assert acc._in_range(-8.0, 7.999) and not acc._in_range(-8.0, 8.0) and not acc._in_range(-8.2, 0.0)
+    counts, _ = np.histogram(x.double().numpy().ravel(), bins=160, range=(-8.0, 8.0))
+    np.testing.assert_array_equal(acc.result().hist_counts, counts)
+
+
+def test_sync_free_path_takes_units_last_views_too():
+    maps = relu_like_maps(3, (4, 5, 6, 6), seed=17)
+    maps[1][2, 1, 0, 3] = float("nan")
+    fast, sync_free = LayerAccumulator(5, max_samples=40, seed=1), SyncFreeAccumulator(5, max_samples=40, seed=1)
+    for x in maps:
+        fast.update(x.movedim(1, -1))
+        sync_free.update(x.movedim(1, -1))
+    a, b = fast.result(), sync_free.result()
+    for name in ("n_values", "n_nonfinite", "n_below", "n_above", "rows_dropped_nonfinite", "min", "max", "flags"):
+        assert getattr(a, name) == getattr(b, name), name
+    for name in ("mean", "std", "skew", "kurtosis", "frac_zero"):
+        assert getattr(a, name) == pytest.approx(getattr(b, name), rel=1e-12), name
+    np.testing.assert_array_equal(a.hist_counts, b.hist_counts)
+    torch.testing.assert_close(a.reservoir, b.reservoir)
