@@ -16,6 +16,7 @@ _EXPORTS = {
     "PER_OF_STANDARD_NORMAL": "perdiag.per",
     "PER_OF_ZEROS": "perdiag.per",
     "per_loss": "perdiag.per",
+    "per_loss_sum": "perdiag.per",
     "per_pointwise": "perdiag.per",
     "random_projections": "perdiag.per",
     "layout_for_module": "perdiag.layout",

@@ -15,6 +15,8 @@ and equals 2/sqrt(pi) ~ 1.128 (not 0) in expectation for an exact N(0, 1) sample
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Sequence
 
 import torch
 
@@ -64,31 +66,114 @@ def per_pointwise(t: torch.Tensor) -> torch.Tensor:
     return t * torch.erf(t * _SQRT_HALF) + PER_OF_ZEROS * torch.exp(-0.5 * t * t)
 
 
-class _PerLoss(torch.autograd.Function):
-    """Mean of f over a projected batch, with the paper's closed-form gradient.
+_WORKSPACE = threading.local()
 
-    f'(t) = erf(t / sqrt 2) is already computed for f(t) itself, so the forward keeps that one
-    (n, s) tensor for the backward: no second erf (the costliest kernel here, bench/bench_train.py),
-    and none of the intermediates autograd would save for t * erf(t) + exp(-t^2/2).
+
+def _workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reusable flat buffer of at least ``numel`` elements (contents are garbage).
+
+    A fresh multi-hundred-kilobyte CPU tensor every training step costs page faults that take longer
+    than the arithmetic on it; this one is kept per thread, dtype and device and only ever grows.
+    """
+    buffers = _WORKSPACE.__dict__.setdefault("buffers", {})
+    key = (dtype, device)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel]
+
+
+class _PerSum(torch.autograd.Function):
+    """Sum over layers of PER(h_l; theta_l), every layer's f evaluated in one fused pass.
+
+    Forward: each layer's (n_l, s_l) projection u = <theta, h> / sqrt 2 is written into one flat
+    buffer, so erf and exp run once over all layers, however many there are (per-kernel overhead,
+    not arithmetic, dominates these small tensors). With t = sqrt 2 u,
+
+        f(t) = sqrt(2/pi) (exp(-u^2) + sqrt(pi) u erf(u)),    f'(t) = erf(u).
+
+    f'(t) is already computed for f(t), so the forward keeps that one buffer for the backward: no
+    second erf (the costliest kernel here), and none of the intermediates autograd would save.
+    Backward: dPER_l / dh_l = (1 / (n_l s_l)) erf(u_l) theta_l^T, one matmul per layer.
     """
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, projections: torch.Tensor) -> torch.Tensor:
-        projected = h @ projections
-        slope = torch.erf(projected * _SQRT_HALF)
-        gaussian = torch.exp(projected.square().mul_(-0.5)).mul_(PER_OF_ZEROS)
-        value = torch.addcmul(gaussian, projected, slope).mean()
-        ctx.save_for_backward(slope, projections)
-        return value
+    def forward(ctx, n_layers: int, *tensors: torch.Tensor) -> torch.Tensor:
+        activations, projections = tensors[:n_layers], tensors[n_layers:]
+        sizes = [h.shape[0] * p.shape[1] for h, p in zip(activations, projections)]
+        scaled = _workspace(sum(sizes), activations[0].dtype, activations[0].device)
+        blocks = scaled.split(sizes)
+        for h, p, block in zip(activations, projections, blocks):
+            torch.mm(h, p, out=block.view(h.shape[0], p.shape[1]))
+        scaled.mul_(_SQRT_HALF)
+        slope = torch.erf(scaled)
+        # Per layer: sum of sqrt(pi) u erf(u) + exp(-u^2) = f(t) / sqrt(2/pi); u is overwritten last.
+        products = torch.stack([torch.dot(block, erf_block) for block, erf_block in zip(blocks, slope.split(sizes))])
+        scaled.square_().neg_().exp_()
+        ctx.sizes = sizes
+        ctx.save_for_backward(slope, *projections)
+        if len(set(sizes)) == 1:  # the usual case: every layer subsampled to the same rows
+            return (products.sum() * math.sqrt(math.pi) + scaled.sum()) * (PER_OF_ZEROS / sizes[0])
+        sums = products.mul_(math.sqrt(math.pi)).add_(torch.stack([block.sum() for block in blocks]))
+        counts = torch.tensor(sizes, dtype=sums.dtype, device=sums.device)
+        return (sums / counts).sum() * PER_OF_ZEROS
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        slope, projections = ctx.saved_tensors
-        grad_h = None
-        if ctx.needs_input_grad[0]:
-            grad_h = (slope * (grad_output / slope.numel())) @ projections.T
+        slope, *projections = ctx.saved_tensors
+        grads = []
+        for index, (block, p) in enumerate(zip(slope.split(ctx.sizes), projections)):
+            if ctx.needs_input_grad[1 + index]:
+                grad = torch.mm(block.view(-1, p.shape[1]), p.T)
+                grads.append(grad.mul_(grad_output / ctx.sizes[index]))
+            else:
+                grads.append(None)
         # The directions are a fixed random draw, not parameters: no gradient flows to them.
-        return grad_h, None
+        return (None, *grads, *([None] * len(projections)))
+
+
+def per_loss_sum(
+    activations: Sequence[torch.Tensor], projections: Sequence[torch.Tensor], *, validate: bool = True
+) -> torch.Tensor:
+    """Sum of :func:`per_loss` over layers, computed in one fused pass; differentiable in every ``h``.
+
+    Args:
+        activations: (n_l, d_l) tensors, one per layer, on one device (rows may differ per layer).
+        projections: (d_l, s_l) unit directions, one per layer.
+
+    Returns:
+        A 0-dim tensor sum_l PER(h_l; theta_l), equal to ``sum(per_loss(h, p) ...)`` up to rounding
+        but with a fixed number of elementwise kernels however many layers there are (what training
+        with several regularised layers pays per step). Computed in the widest of the inputs' dtypes
+        and float32.
+    """
+    activations, projections = list(activations), list(projections)
+    if not activations or len(activations) != len(projections):
+        raise InputValueError(
+            f"need one (d, s) projection matrix per activation, got {len(activations)} activations and "
+            f"{len(projections)} projection matrices"
+        )
+    for h, p in zip(activations, projections):
+        _check_activations(h, check_finite=validate)
+        if p.ndim != 2 or p.shape[0] != h.shape[1]:
+            raise InputValueError(
+                f"projections must have shape (d, s) = ({h.shape[1]}, s) to match activations of shape "
+                f"{tuple(h.shape)}, got {tuple(p.shape)}"
+            )
+    device = activations[0].device
+    if any(h.device != device for h in activations):
+        raise InputValueError("activations of per_loss_sum must be on one device")
+    compute_dtype = torch.float32
+    for h in activations:
+        compute_dtype = torch.promote_types(compute_dtype, h.dtype)
+    # Conversions only where needed: each no-op call still costs a dispatch, per layer and step.
+    activations = [h if h.dtype == compute_dtype else h.to(compute_dtype) for h in activations]
+    projections = [
+        p if p.dtype == compute_dtype and p.device == device and not p.requires_grad
+        else p.to(device=device, dtype=compute_dtype).detach()
+        for p in projections
+    ]
+    return _PerSum.apply(len(activations), *activations, *projections)
 
 
 def per_loss(h: torch.Tensor, projections: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
@@ -105,16 +190,7 @@ def per_loss(h: torch.Tensor, projections: torch.Tensor, *, validate: bool = Tru
 
     ``validate=False`` skips the finiteness check, which costs a device sync; training loops use it.
     """
-    _check_activations(h, check_finite=validate)
-    if projections.ndim != 2 or projections.shape[0] != h.shape[1]:
-        raise InputValueError(
-            f"projections must have shape (d, s) = ({h.shape[1]}, s) to match activations of shape "
-            f"{tuple(h.shape)}, got {tuple(projections.shape)}"
-        )
-    compute_dtype = torch.promote_types(h.dtype, torch.float32)
-    h = h.to(compute_dtype)
-    projections = projections.to(device=h.device, dtype=compute_dtype).detach()
-    return _PerLoss.apply(h, projections)
+    return per_loss_sum([h], [projections], validate=validate)
 
 
 def _check_activations(h: torch.Tensor, check_finite: bool = True) -> None:

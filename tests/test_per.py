@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from perdiag import PER_OF_STANDARD_NORMAL, PER_OF_ZEROS, per_loss, per_pointwise, random_projections
+from perdiag import PER_OF_STANDARD_NORMAL, PER_OF_ZEROS, per_loss, per_loss_sum, per_pointwise, random_projections
 
 
 def test_reference_constants():
@@ -69,3 +69,41 @@ def test_projections_are_unit_columns_seeded_and_isotropic():
     # Uniform on the sphere: E[theta theta^T] = I / d.
     many = random_projections(4, 200_000, seed=9, dtype=torch.float64)
     torch.testing.assert_close(many @ many.T / 200_000, torch.eye(4, dtype=torch.float64) / 4, atol=3e-3, rtol=0)
+
+
+def test_per_loss_sum_equals_the_sum_of_per_layer_losses_and_their_gradients():
+    generator = torch.Generator().manual_seed(7)
+    shapes = [(9, 3, 5), (4, 6, 5), (9, 2, 11)]  # (rows, units, projections): unequal blocks
+    hs = [(torch.randn(n, d, generator=generator, dtype=torch.float64) * 1.5 + 0.3).requires_grad_() for n, d, _ in shapes]
+    ps = [random_projections(d, s, seed=i, dtype=torch.float64) for i, (_, d, s) in enumerate(shapes)]
+    fused = per_loss_sum(hs, ps)
+    fused.backward()
+    fused_grads = [h.grad.clone() for h in hs]
+    for h in hs:
+        h.grad = None
+    separate = sum(per_loss(h, p) for h, p in zip(hs, ps))
+    separate.backward()
+    assert fused.item() == pytest.approx(separate.item(), rel=1e-12)
+    # Against the definition: mean of f over each layer's projections.
+    by_definition = sum(float(per_pointwise(h.detach() @ p).mean()) for h, p in zip(hs, ps))
+    assert fused.item() == pytest.approx(by_definition, rel=1e-12)
+    for fused_grad, h in zip(fused_grads, hs):
+        torch.testing.assert_close(fused_grad, h.grad, rtol=1e-12, atol=1e-15)
+    assert torch.autograd.gradcheck(lambda a, b, c: per_loss_sum([a, b, c], ps), tuple(h.detach().requires_grad_() for h in hs))
+
+
+def test_per_loss_sum_with_equal_blocks_and_mixed_dtypes():
+    generator = torch.Generator().manual_seed(8)
+    h16 = torch.randn(8, 4, generator=generator).to(torch.float16)
+    h32 = torch.randn(8, 4, generator=generator)
+    p = random_projections(4, 6, seed=0)
+    value = per_loss_sum([h16, h32], [p, p])
+    assert value.dtype == torch.float32
+    assert value.item() == pytest.approx(per_loss(h16.float(), p).item() + per_loss(h32, p).item(), rel=1e-6)
+
+
+def test_per_loss_sum_rejects_mismatched_inputs():
+    with pytest.raises(ValueError, match="one \\(d, s\\) projection matrix per activation"):
+        per_loss_sum([torch.zeros(3, 2)], [])
+    with pytest.raises(ValueError, match="projections must have shape"):
+        per_loss_sum([torch.zeros(3, 2)], [torch.zeros(3, 4)])
