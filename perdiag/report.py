@@ -330,7 +330,8 @@ def reference_lines(settings: Mapping[str, Any]) -> list[str]:
     if n is not None and math.isfinite(n) and n >= 1:
         lines.append(
             f"Reservoir: up to {int(n)} rows per layer (uniform sample for PER and the distances); W1 floor for n={int(n)}: {w1_floor(int(n)):.4f} "
-            "(no sample of that size can be closer)"
+            "(no sample of that size can be closer; layers that kept fewer rows have a higher floor, see reservoir_size "
+            "and w1_floor in --csv/--json)"
         )
     run = []
     for name, label in (("seed", "seed"), ("n_projections", "projections")):

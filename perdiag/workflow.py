@@ -180,8 +180,6 @@ def write_inspect_outputs(
 
     Every file is written atomically; a failure leaves earlier outputs of the same path untouched.
     """
-    from perdiag import plots as plotting
-    from perdiag.html import write_html
     from perdiag.report import write_csv, write_json
 
     written: list[Path] = []
@@ -191,7 +189,13 @@ def write_inspect_outputs(
     if json_path:
         write_json(result.table, json_path, result.settings)
         written.append(Path(json_path))
-    datas = [layer_plot_data(report) for report in result.layers] if (plots or html) else []
+    if not (plots or html):
+        return written
+    # matplotlib and scipy.stats take about 2 s to import: only runs that draw figures pay for them.
+    from perdiag import plots as plotting
+    from perdiag.html import write_html
+
+    datas = [layer_plot_data(report) for report in result.layers]
     if plots:
         saved = plotting.save_all(datas, result.table, plots, fmt=plot_format)
         written.extend(path for paths in saved.values() for path in paths)
@@ -282,10 +286,7 @@ def write_compare_outputs(
     NaN as null. Plots: per-layer overlays, ``overview`` and ``sw1_bars``. HTML: one self-contained
     report (:mod:`perdiag.html`). Every file is written atomically.
     """
-    from perdiag import compare_plots
-    from perdiag.compare import READING_NOTES
     from perdiag.files import atomic_path
-    from perdiag.html import write_html
     from perdiag.report import json_ready
 
     written: list[Path] = []
@@ -303,7 +304,13 @@ def write_compare_outputs(
         with atomic_path(json_path) as temporary:
             temporary.write_text(text + "\n", encoding="utf-8")
         written.append(Path(json_path))
-    datas = compare_plot_data(result) if (plots or html) else []
+    if not (plots or html):
+        return written
+    from perdiag import compare_plots  # matplotlib: only for runs that draw figures
+    from perdiag.compare import READING_NOTES
+    from perdiag.html import write_html
+
+    datas = compare_plot_data(result)
     if plots:
         written.extend(compare_plots.save_compare_all(datas, result.table, plots, result.labels, fmt=plot_format))
     if html:
