@@ -248,7 +248,8 @@ def _check_folder(option: str, folder: Path) -> None:
             pass
     except OSError as err:
         raise PerdiagError(
-            f"cannot write {option} under {folder}: {existing} is not writable ({err.strerror}); choose another path"
+            f"cannot write {option} under {folder}: no file can be created in {existing} "
+            f"(the system says: {err.strerror}); choose another path"
         ) from err
 
 
