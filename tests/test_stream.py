@@ -41,6 +41,17 @@ def skewed_sample(n: int = 3000, d: int = 5, seed: int = 0) -> torch.Tensor:
     return gamma.sample((n, d)).double() * 1.5 - 2.0 + 0.01 * torch.randn(n, d, generator=generator, dtype=torch.float64)
 
 
+def assert_same_summary(a, b) -> None:
+    """Two LayerSummary objects agree: counts and extremes exactly, moments to 1e-12, same reservoir."""
+    for name in ("n_values", "n_nonfinite", "n_below", "n_above", "rows_dropped_nonfinite", "min", "max", "flags"):
+        assert getattr(a, name) == getattr(b, name), name
+    for name in ("mean", "std", "skew", "kurtosis", "frac_zero"):
+        assert getattr(a, name) == pytest.approx(getattr(b, name), rel=1e-12), name
+    np.testing.assert_array_equal(a.hist_counts, b.hist_counts)
+    # same keys, same bottom-k set (both results are sorted by key)
+    torch.testing.assert_close(a.reservoir, b.reservoir)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_moments_match_scipy_over_uneven_batches(dtype):
     x = skewed_sample().to(dtype)
@@ -226,14 +237,7 @@ def test_sync_free_path_agrees_with_cpu_path(with_nan):
     fast, sync_free = LayerAccumulator(5, max_samples=64, seed=3), SyncFreeAccumulator(5, max_samples=64, seed=3)
     feed(fast, x)
     feed(sync_free, x)
-    a, b = fast.result(), sync_free.result()
-    for field in ("n_values", "n_nonfinite", "n_below", "n_above", "rows_dropped_nonfinite", "min", "max", "flags"):
-        assert getattr(a, field) == getattr(b, field), field
-    for field in ("mean", "std", "skew", "kurtosis", "frac_zero"):
-        assert getattr(a, field) == pytest.approx(getattr(b, field), rel=1e-12), field
-    np.testing.assert_array_equal(a.hist_counts, b.hist_counts)
-    # same keys, same bottom-k set (both results are sorted by key)
-    torch.testing.assert_close(a.reservoir, b.reservoir)
+    assert_same_summary(fast.result(), sync_free.result())
 
 
 def test_sync_free_reservoir_is_uniform():
@@ -528,10 +532,4 @@ def test_sync_free_path_takes_units_last_views_too():
     for x in maps:
         fast.update(x.movedim(1, -1))
         sync_free.update(x.movedim(1, -1))
-    a, b = fast.result(), sync_free.result()
-    for name in ("n_values", "n_nonfinite", "n_below", "n_above", "rows_dropped_nonfinite", "min", "max", "flags"):
-        assert getattr(a, name) == getattr(b, name), name
-    for name in ("mean", "std", "skew", "kurtosis", "frac_zero"):
-        assert getattr(a, name) == pytest.approx(getattr(b, name), rel=1e-12), name
-    np.testing.assert_array_equal(a.hist_counts, b.hist_counts)
-    torch.testing.assert_close(a.reservoir, b.reservoir)
+    assert_same_summary(fast.result(), sync_free.result())
