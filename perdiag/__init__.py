@@ -17,6 +17,7 @@ _EXPORTS = {
     "PER_OF_ZEROS": "perdiag.per",
     "per_loss": "perdiag.per",
     "per_loss_sum": "perdiag.per",
+    "per_sum_and_row_gradients": "perdiag.per",
     "per_pointwise": "perdiag.per",
     "random_projections": "perdiag.per",
     "layout_for_module": "perdiag.layout",
