@@ -28,7 +28,8 @@ from _timing import best_time, print_table  # noqa: E402
 from perdiag.capture import ActivationCapture, select_layers  # noqa: E402
 from perdiag.checkpoints import load_model  # noqa: E402
 from perdiag.data import iter_batches, load_examples  # noqa: E402
-from perdiag.train import DEFAULT_PER_ROWS, StepRegulariser, TrainConfig, _make_optimizer, train_step  # noqa: E402
+from perdiag.regularise import StepRegulariser  # noqa: E402
+from perdiag.train import DEFAULT_PER_ROWS, TrainConfig, _make_optimizer, train_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +42,7 @@ def make_step(per_weight: float, per_rows: int, batch, projections: int = 256, *
     config = TrainConfig(per_weight=per_weight, reg=reg, per_rows=per_rows, projections=projections).check()
     optimizer = _make_optimizer(model, config)
     layers = select_layers(model, default="nonlinearities")
-    regulariser = StepRegulariser(config.reg, config.projections, config.per_rows, config.seed)
+    regulariser = StepRegulariser(config.reg, config.projections, config.per_rows, config.seed, weight=config.per_weight)
     capture = (
         ActivationCapture(layers, regulariser, detach=False, model=model, flatten=False) if config.regularised else contextlib.nullcontext()
     )

@@ -9,19 +9,12 @@ where ``task`` is cross-entropy (classification, class axis last) or MSE (regres
 reads it (selection, output rule and layout come from :mod:`perdiag.capture`; default: the outputs
 of the non-linearity modules), and R is one of
 
-* ``per``: PER against s directions drawn afresh every step (the paper), all layers evaluated
-  together by :func:`perdiag.per.per_loss_sum` once the forward pass has run; one Gaussian draw per
-  step gives every width its uniform directions (:func:`step_directions`), from a generator seeded
-  by (``seed``, step), so every DDP rank uses the same ones and a resumed run draws what an
-  uninterrupted one would;
+* ``per``: PER against s directions drawn afresh every step (the paper), on ``per_rows`` rows per
+  layer drawn uniformly at random each step (an unbiased estimate of the same loss; 0 = all rows);
 * ``l1``: mean |h|; ``l2``: mean h^2 (the paper's activation-penalty baselines), over all rows.
 
-Cost control (``per_rows``). PER costs rows x units x s multiply-adds per layer, and a conv layer
-has batch x H x W rows, which can exceed the model's own forward pass. With ``per_rows = k > 0``
-each layer's PER is computed on k of its rows drawn uniformly at random (independent draws),
-afresh every step (seeded by ``seed``, step and rank); a layer with at most k rows uses them all.
-Every row is equally likely, so E_draws[PER(h_drawn)] = PER(h): an unbiased estimate of the same
-loss (and of its gradient), with more variance. ``per_rows = 0`` uses every row.
+:mod:`perdiag.regularise` computes R and its gradient (seeded draws, row subsets, and how PER's
+closed-form gradient enters backward); this module runs the loop around it.
 
 Every epoch reports the mean task loss and regulariser over the epoch's steps, the validation loss
 and accuracy, and the validation SW1 and PER of each selected layer computed as ``inspect`` does:
@@ -58,7 +51,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -79,10 +72,10 @@ from perdiag.errors import PerdiagError
 from perdiag.failures import name_failing_layer
 from perdiag.files import atomic_path
 from perdiag.layout import LAYOUTS
-from perdiag.per import DEFAULT_PROJECTIONS, per_loss, per_loss_sum
+from perdiag.per import DEFAULT_PROJECTIONS
+from perdiag.regularise import REGULARISERS, StepRegulariser, backward_with_penalty
 from perdiag.stream import LayerAccumulator
 
-REGULARISERS: tuple[str, ...] = ("per", "l1", "l2")
 TASKS: tuple[str, ...] = ("classification", "regression")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 #: Rows per layer and step for PER (0 = all); see the module docstring.
@@ -164,166 +157,6 @@ class TrainConfig:
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
-
-
-# -- the regulariser: pure math on laid-out activations -------------------------------------------
-
-
-_MASK64 = (1 << 64) - 1
-
-
-def _mixed_seed(*values: int) -> int:
-    """A 63-bit seed from integers: the splitmix64 finaliser folded over ``values``.
-
-    Well spread for neighbouring inputs (step 5 and step 6 get unrelated streams) and a microsecond
-    per step, where numpy's SeedSequence costs tens of them.
-    """
-    state = 0
-    for value in values:
-        z = (state + 0x9E3779B97F4A7C15 + (int(value) & _MASK64)) & _MASK64
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-        state = z ^ (z >> 31)
-    return state >> 1
-
-
-def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
-    """A CPU generator seeded from (seed, step, stream); distinct triples give unrelated streams."""
-    generator = torch.Generator()
-    generator.manual_seed(_mixed_seed(seed, step, stream))
-    return generator
-
-
-def step_directions(
-    widths: Iterable[int], n_projections: int, generator: torch.Generator, device: torch.device | str = "cpu"
-) -> dict[int, torch.Tensor]:
-    """(d, n_projections) float32 unit directions for every width d, each uniform on S^{d-1}.
-
-    One Gaussian draw V of (max d, s) serves every width: theta = V[:d] / |V[:d]| (column norms),
-    and the first d coordinates of a standard Gaussian vector are a standard Gaussian vector, so each
-    width's columns are exactly uniform on its sphere. Layers of different widths get correlated
-    directions, which leaves each layer's PER estimate unbiased; the prefix norms of all widths come
-    from one matrix product. The draw is float32 on the CPU (training only needs the same directions
-    on every rank, which a CPU generator gives; :func:`perdiag.per.random_projections` draws float64
-    so that inspect's directions match across devices and dtypes).
-    """
-    widths = sorted({int(d) for d in widths})
-    if not widths:
-        return {}
-    draws = torch.randn(widths[-1], n_projections, generator=generator, dtype=torch.float32)
-    # Row i of prefixes @ V^2 is |V[:d_i]|^2 for every column: all widths' norms in one product.
-    prefixes = (torch.arange(widths[-1]) < torch.tensor(widths).unsqueeze(1)).to(torch.float32)
-    inverse_norms = (prefixes @ draws.square()).rsqrt_()
-    return {d: (draws[:d] * inverse_norms[i]).to(device) for i, d in enumerate(widths)}
-
-
-def sample_rows(h: torch.Tensor, max_rows: int, generator: torch.Generator | None) -> torch.Tensor:
-    """``max_rows`` rows of ``h`` drawn uniformly at random (with replacement), as (k, d).
-
-    ``h`` is (n, d), or any (..., d) tensor whose rows are its leading positions (a units-last view
-    such as ``activation.movedim(1, -1)``; rows are gathered from it directly, with no copy of the
-    whole activation). ``max_rows = 0`` or n <= max_rows returns every row (``h`` itself when 2-D).
-    Every draw is an independent uniform row, so the mean of any per-row quantity over the draws is an
-    unbiased estimate of its mean over all rows; for k << n this is practically sampling without
-    replacement, at O(k) cost where a permutation costs O(n). Differentiable in ``h``.
-    """
-    n = math.prod(h.shape[:-1])
-    if max_rows <= 0 or n <= max_rows:
-        return h if h.ndim == 2 else h.reshape(n, h.shape[-1])
-    chosen = torch.randint(n, (max_rows,), generator=generator)
-    if h.ndim == 2:
-        return h.index_select(0, chosen.to(h.device))
-    channels_first = h.movedim(-1, 1)
-    if channels_first.is_contiguous():
-        # A contiguous (B, C, *spatial) output seen units-last: gather (sample, position) pairs
-        # from its (B, C, positions) view, 2-3x cheaper than indexing the strided view. The index
-        # arithmetic runs in numpy: two tiny torch ops would cost more than the gather.
-        flat = channels_first.flatten(2)
-        sample, position = np.divmod(chosen.numpy(), flat.shape[2])
-        return flat[torch.from_numpy(sample).to(h.device), :, torch.from_numpy(position).to(h.device)]
-    return h[torch.unravel_index(chosen.to(h.device), h.shape[:-1])]
-
-
-def activation_penalty(h: torch.Tensor, reg: str, projections: torch.Tensor | None = None) -> torch.Tensor:
-    """R(h) of an (n, d) activation: ``per`` (needs (d, s) ``projections``), ``l1`` = mean |h|, ``l2`` = mean h^2.
-
-    A 0-dim tensor in activation units (squared for l2), differentiable in ``h``.
-    """
-    if reg == "per":
-        if projections is None:
-            raise ValueError("the PER penalty needs projections")
-        return per_loss(h, projections, validate=False)
-    # abs / square keep their input for backward: a copy protects it from later in-place modules.
-    h = h.clone().float()
-    if reg == "l1":
-        return h.abs().mean()
-    if reg == "l2":
-        return h.square().mean()
-    raise ValueError(f"unknown regulariser {reg!r}")
-
-
-class StepRegulariser:
-    """Capture callback that sums R over the selected layers' outputs during one forward pass.
-
-    Call :meth:`begin_step` before each forward; read :attr:`total` after it (a 0-dim tensor with
-    the graph, or None when no selected layer ran).
-
-    For ``per`` the hooks only keep each layer's row subset (a copy or a fresh tensor, so later
-    in-place modules cannot change it); reading :attr:`total` then draws the step's directions for
-    all widths at once and evaluates every layer in one :func:`perdiag.per.per_loss_sum`: a fixed
-    number of kernels per step, not per layer.
-    """
-
-    def __init__(self, reg: str, n_projections: int, per_rows: int, seed: int, rank: int = 0) -> None:
-        self.reg = reg
-        self.n_projections = n_projections
-        self.per_rows = per_rows
-        self.seed = seed
-        self.rank = rank
-        self._total: torch.Tensor | None = None
-        self._pending: list[torch.Tensor] = []
-        self._step: int | None = None
-        self._rows: torch.Generator | None = None
-
-    def begin_step(self, step: int) -> None:
-        self._total = None
-        self._pending = []
-        self._step = step
-        self._rows = None  # created on first use: seeding costs more than most draws
-
-    def _row_generator(self) -> torch.Generator:
-        # Row subsets: per rank, so shards differ (directions are stream 0, the same on every rank).
-        if self._rows is None:
-            self._rows = step_generator(self.seed, self._step, 1 + self.rank)
-        return self._rows
-
-    def __call__(self, name: str, module: nn.Module, samples: torch.Tensor, shape: tuple[int, ...]) -> None:
-        """Hook callback; ``samples`` is the (n, d) layout or a (..., d) units-last view of it."""
-        if self._step is None:
-            raise RuntimeError("begin_step() was not called")
-        if self.reg == "per":
-            subsample = 0 < self.per_rows < math.prod(samples.shape[:-1])
-            rows = sample_rows(samples, self.per_rows, self._row_generator() if subsample else None)
-            if rows.untyped_storage().data_ptr() == samples.untyped_storage().data_ptr():
-                # Still the module's own memory: copy it, as later in-place modules may overwrite it.
-                rows = rows.clone()
-            self._pending.append(rows)
-            return
-        value = activation_penalty(samples, self.reg)
-        self._add(value)
-
-    @property
-    def total(self) -> torch.Tensor | None:
-        """R summed over the layers seen since :meth:`begin_step` (None if none ran)."""
-        if self._pending:
-            pending, self._pending = self._pending, []
-            generator = step_generator(self.seed, self._step, 0)
-            directions = step_directions((h.shape[1] for h in pending), self.n_projections, generator, pending[0].device)
-            self._add(per_loss_sum(pending, [directions[h.shape[1]] for h in pending], validate=False))
-        return self._total
-
-    def _add(self, value: torch.Tensor) -> None:
-        self._total = value if self._total is None else self._total + value
 
 
 # -- task loss and target checks ------------------------------------------------------------------
@@ -852,10 +685,10 @@ def train_step(
     task = task_loss(output, batch.targets, config.task)
     loss = task
     reg = regulariser.total if config.regularised else None
-    if reg is not None:
+    if reg is not None and reg.requires_grad:  # L1/L2; PER's gradient comes as backward roots
         loss = task + config.per_weight * reg
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    backward_with_penalty(loss, regulariser if config.regularised else None)
     optimizer.step()
     return task.detach(), (None if reg is None else reg.detach())
 
@@ -871,7 +704,9 @@ def _train_epoch(plan, wrapped, model, optimizer, state, context, per_rank, guar
     if not order:
         return
     loader = make_loader(plan.train, per_rank, sampler=order)
-    regulariser = StepRegulariser(config.reg, config.projections, config.per_rows, config.seed, context.rank)
+    regulariser = StepRegulariser(
+        config.reg, config.projections, config.per_rows, config.seed, context.rank, weight=config.per_weight
+    )
     capture = (
         ActivationCapture(plan.layers, regulariser, layout=config.layout, detach=False, model=model, flatten=False)
         if config.regularised

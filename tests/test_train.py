@@ -1,8 +1,7 @@
-"""perdiag train: the regulariser's math, the loop's guarantees (resume, Ctrl-C, outputs) and the CLI."""
+"""perdiag train: the loop's guarantees (resume, Ctrl-C, outputs) and the CLI; the regulariser is in test_regularise."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pandas as pd
@@ -14,9 +13,6 @@ from perdiag.checkpoints import load_model
 from perdiag.cli import main
 from perdiag.data import iter_batches, load_examples
 from perdiag.diagnose import InspectSettings, inspect_model
-from perdiag.capture import ActivationCapture
-from perdiag.layout import to_samples
-from perdiag.per import per_loss, random_projections
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP = ROOT / "sample_checkpoints" / "digits_mlp.pt"
@@ -31,85 +27,6 @@ def plan(tmp_path: Path, name: str = "out.pt", **options) -> training.TrainPlan:
 
 def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-# -- the regulariser ------------------------------------------------------------------------------
-
-
-def test_row_subsets_give_an_unbiased_per_estimate():
-    generator = torch.Generator().manual_seed(3)
-    h = torch.randn(60, 5, generator=generator) * 2 + 0.5
-    projections = random_projections(5, 32, seed=1)
-    full = float(per_loss(h, projections))
-    rows = training.step_generator(0, 0, 1)
-    draws = torch.tensor([float(per_loss(training.sample_rows(h, 7, rows), projections)) for _ in range(4000)])
-    # The subsets differ (a real estimate, not the full loss every time) ...
-    assert draws.std() > 0.01
-    # ... and their mean is the full-batch loss within 4 standard errors.
-    assert abs(float(draws.mean()) - full) < 4 * float(draws.std()) / math.sqrt(len(draws))
-    assert training.sample_rows(h, 0, rows) is h and training.sample_rows(h, 60, rows) is h
-
-
-def test_row_subsets_of_a_units_last_view_match_the_laid_out_rows():
-    h = torch.randn(3, 4, 5, 6, generator=torch.Generator().manual_seed(0), requires_grad=True)
-    laid_out = to_samples(h)  # (3 * 5 * 6, 4), a copy
-    direct = training.sample_rows(h.movedim(1, -1), 7, training.step_generator(0, 2, 1))
-    via_copy = training.sample_rows(laid_out, 7, training.step_generator(0, 2, 1))
-    assert direct.shape == (7, 4) and torch.equal(direct, via_copy)
-    direct.sum().backward()  # gradients reach the activation through the gather
-    assert h.grad.abs().sum() > 0
-    assert torch.equal(training.sample_rows(h.movedim(1, -1), 0, None), laid_out)
-    # A units-last view of a tensor that is not channels-first contiguous takes the general path.
-    sequence = torch.randn(4, 9, 3, generator=torch.Generator().manual_seed(1))
-    picked = training.sample_rows(sequence[:, ::2], 5, training.step_generator(0, 0, 1))
-    assert torch.equal(picked, training.sample_rows(sequence[:, ::2].reshape(-1, 3), 5, training.step_generator(0, 0, 1)))
-
-
-def test_l1_l2_penalties_on_a_constant_activation():
-    constant = torch.full((8, 3), -1.5, requires_grad=True)
-    assert training.activation_penalty(constant, "l1").item() == pytest.approx(1.5)
-    assert training.activation_penalty(constant, "l2").item() == pytest.approx(2.25)
-    # Through the capture callback, summed over two layers, with the closed-form gradient of l2: 2c/numel.
-    regulariser = training.StepRegulariser("l2", 4, 0, seed=0)
-    regulariser.begin_step(0)
-    regulariser("a", torch.nn.Identity(), constant, (8, 3))
-    regulariser("b", torch.nn.Identity(), torch.full((4, 2), 2.0), (4, 2))
-    assert regulariser.total.item() == pytest.approx(2.25 + 4.0)
-    regulariser.total.backward()
-    assert torch.allclose(constant.grad, torch.full((8, 3), 2 * -1.5 / 24))
-
-
-def test_step_directions_are_fresh_per_step_and_repeatable():
-    first = training.step_directions([4, 2], 8, training.step_generator(0, 5, 0))
-    again = training.step_directions([2, 4], 8, training.step_generator(0, 5, 0))
-    later = training.step_directions([4, 2], 8, training.step_generator(0, 6, 0))
-    assert set(first) == {2, 4} and first[4].shape == (4, 8) and first[2].shape == (2, 8)
-    assert all(torch.equal(first[d], again[d]) for d in (2, 4)) and not torch.allclose(first[4], later[4])
-    for d in (2, 4):
-        assert torch.allclose(first[d].norm(dim=0), torch.ones(8))
-    # Uniform on the sphere for every width drawn together: E[theta theta^T] = I / d.
-    many = training.step_directions([4, 3, 1], 200_000, training.step_generator(1, 0, 0))
-    for d in (4, 3):
-        torch.testing.assert_close(many[d] @ many[d].T / many[d].shape[1], torch.eye(d) / d, atol=5e-3, rtol=0)
-    torch.testing.assert_close(many[1].abs(), torch.ones(1, 200_000))
-    # Odd moments vanish: a uniform direction is as likely as its mirror image.
-    assert float(many[3].mean(dim=1).abs().max()) < 5e-3
-
-
-def test_per_regulariser_reads_each_layer_before_later_in_place_ops():
-    # A 2-D output kept for the deferred PER evaluation must be copied: ReLU(inplace) after it must
-    # not change what the regulariser sees.
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.ReLU(inplace=True))
-    x = torch.randn(6, 3)
-    regulariser = training.StepRegulariser("per", 16, 0, seed=0)
-    with ActivationCapture([("0", model[0])], regulariser, detach=False):
-        regulariser.begin_step(0)
-        model(x)
-        value = regulariser.total
-    directions = training.step_directions([5], 16, training.step_generator(0, 0, 0))[5]
-    expected = per_loss(model[0](x), directions)
-    assert value.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 # -- training runs --------------------------------------------------------------------------------
