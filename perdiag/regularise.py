@@ -138,7 +138,9 @@ class RowSampler:
         """:func:`pick_rows` for a view that :meth:`matches`."""
         samples = samples.detach()
         if not self.k:
-            return PickedRows(samples.reshape(self.n, self.d).clone(), None)
+            rows = samples.reshape(self.n, self.d)
+            # reshape copies a channels-first view already; a view of the activation needs its own copy.
+            return PickedRows(rows.clone() if rows is samples or rows._base is not None else rows, None)
         chosen = torch.randint(self.n, (self.k,), generator=generator)
         if self.unit_offsets is None:
             rows = samples[torch.unravel_index(chosen.to(samples.device), samples.shape[:-1])]
@@ -190,6 +192,7 @@ class _PendingLayer:
     edge: GradientEdge  #: where the activation's gradient enters backward
     shape: torch.Size  #: the units-last view's shape
     picked: PickedRows
+    channels_first: bool  #: the view is a channels-first tensor seen units-last
 
 
 class _RowGradientBuffer:
@@ -282,7 +285,7 @@ class StepRegulariser:
         picked = sampler.pick(samples, self._row_generator() if sampler.k else None)
         # A layer without a graph (frozen, or under no_grad) counts in the value only.
         edge = get_gradient_edge(samples) if samples.requires_grad else None
-        self._pending.append(_PendingLayer(key, edge, samples.shape, picked))
+        self._pending.append(_PendingLayer(key, edge, samples.shape, picked, sampler.positions > 0))
 
     @property
     def total(self) -> torch.Tensor | None:
@@ -312,7 +315,14 @@ class StepRegulariser:
         """The (units-last shaped) gradient of the whole activation, zero outside the picked rows."""
         picked = layer.picked
         if picked.chosen is None:  # every row, in row order
-            return gradient.to(picked.rows.dtype).reshape(layer.shape)
+            gradient = gradient.to(picked.rows.dtype).view(layer.shape)
+            if not layer.channels_first:
+                return gradient
+            # Laid out channels-first like the activation: a units-last-strided gradient would send
+            # every backward kernel after it down a slower path.
+            batch, *spatial, units = layer.shape
+            dense = torch.empty((batch, units, *spatial), dtype=gradient.dtype, device=gradient.device)
+            return dense.movedim(1, -1).copy_(gradient)
         if picked.offsets is None:  # a strided view: the general (dense) path
             dense = torch.zeros(layer.shape, dtype=picked.rows.dtype, device=picked.rows.device)
             index = torch.unravel_index(picked.chosen.to(dense.device), layer.shape[:-1])
