@@ -5,7 +5,7 @@
 A step is forward + task loss (+ PER on the default layers, the non-linearity outputs) + backward +
 Adam update, on a fixed batch of the digits training split, as ``perdiag train`` runs it
 (:func:`perdiag.train.train_step`). Variants: lambda = 0 (the baseline), PER with s = 256 over all
-rows (``--per-rows 0``), PER at the defaults (s = 256, ``--per-rows 64``) and other row budgets.
+rows (``--per-rows 0``), PER at the defaults (s = 256, ``--per-rows 32``) and other row budgets.
 Each variant has its own copy of the model; they are timed round-robin, a warm-up step and three
 timed steps each per round, and each keeps its best step time, so all see the same machine load and
 the ratios compare like with like. Threads default to 1: on a shared CPU, OpenMP threads contending for
@@ -89,7 +89,7 @@ def main() -> None:
         all_rows = "PER, s=256, all rows (--per-rows 0)"
         defaults = f"PER, defaults (s=256, --per-rows {DEFAULT_PER_ROWS})"
         variants = {baseline: (0.0, 0), all_rows: (1e-4, 0), defaults: (1e-4, DEFAULT_PER_ROWS)}
-        variants.update({f"PER, s=256, --per-rows {k}": (1e-4, k) for k in (1024, 256) if k != DEFAULT_PER_ROWS})
+        variants.update({f"PER, s=256, --per-rows {k}": (1e-4, k) for k in (1024, 256, 64) if k != DEFAULT_PER_ROWS})
         times = interleaved_times(
             {label: make_step(weight, rows, batch) for label, (weight, rows) in variants.items()}, args.repeats
         )

@@ -4,8 +4,8 @@
 
 For each sample checkpoint (digits_mlp.pt, digits_cnn.pt) and seed, fine-tune from the checkpoint
 for ``--epochs`` epochs (Adam, lr 1e-3, global batch 64, the sample train/val splits) with: lambda =
-0; PER at the paper's 1e-4 and 3e-4 and the larger 1e-2, 1e-1 and 1; PER at 1e-1 with 256 rows per layer
-and over all rows (``--per-rows 0``), to compare with the default row subset; L1 and L2 activation penalties at 1e-2 and
+0; PER at the paper's 1e-4 and 3e-4 and the larger 1e-2, 1e-1 and 1; PER at 1e-1 with 64 and 256 rows per
+layer and over all rows (``--per-rows 0``), to compare with the default row subset; L1 and L2 activation penalties at 1e-2 and
 1e-1. Regularised layers: the defaults (the ReLU outputs). Reported, as mean +- sample std (ddof=1)
 over the seeds: validation accuracy after training, validation SW1 (exact, mean over the regularised
 layers, as ``inspect`` computes it) before and after, and the train-step time ratio to lambda = 0 of
@@ -36,6 +36,7 @@ CONFIGS = (
     ("PER 3e-4", "per", 3e-4, None),
     ("PER 1e-2", "per", 1e-2, None),
     ("PER 1e-1", "per", 1e-1, None),
+    ("PER 1e-1, 64 rows", "per", 1e-1, 64),
     ("PER 1e-1, 256 rows", "per", 1e-1, 256),
     ("PER 1e-1, all rows", "per", 1e-1, 0),
     ("PER 1", "per", 1.0, None),

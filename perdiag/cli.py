@@ -333,7 +333,7 @@ def train(
     ] = None,
     per_rows: Annotated[
         Optional[int],
-        typer.Option("--per-rows", help="PER on this many rows per layer and step, drawn uniformly at random: an unbiased estimate; 0 = all rows (default: 64)."),
+        typer.Option("--per-rows", help="PER on this many rows per layer and step, drawn uniformly at random: an unbiased estimate; 0 = all rows (default: 32)."),
     ] = None,
     layers: LayersOption = None,
     types: TypesOption = None,

@@ -79,7 +79,7 @@ from perdiag.stream import LayerAccumulator
 TASKS: tuple[str, ...] = ("classification", "regression")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 #: Rows per layer and step for PER (0 = all); see the module docstring.
-DEFAULT_PER_ROWS = 64
+DEFAULT_PER_ROWS = 32
 #: Validation SW1 is computed exactly as ``inspect`` computes it, with inspect's defaults.
 SW1_PROJECTIONS = InspectSettings.n_projections
 SW1_MAX_SAMPLES = InspectSettings.max_samples
