@@ -476,6 +476,7 @@ def plot_training_curves(metrics: pd.DataFrame, path: str | os.PathLike, *, fmt:
             ax.legend(fontsize=7)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no 0.5 ticks
         ax.tick_params(labelsize=7)
         ax.grid(linewidth=0.3)
     return _save(figure, path, fmt or path.suffix.lstrip(".") or "png", 100)

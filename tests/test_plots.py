@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -155,6 +157,20 @@ def test_training_curves_with_missing_values(tmp_path):
          "val_loss": [1.1, np.nan, 0.6], "val_accuracy": [np.nan] * 3, "val_sw1": [0.4, 0.3, 0.2]}
     )
     assert is_png(plots.plot_training_curves(metrics, tmp_path / "curves.png"))
+
+
+def test_training_curve_ticks_are_whole_epochs(tmp_path, monkeypatch):
+    ticks = []
+
+    def keep_ticks(figure, path, fmt, dpi, **kwargs):
+        figure.canvas.draw()  # tick locations are decided at draw time
+        ticks.extend(tick for ax in figure.axes for tick in ax.get_xticks())
+        return Path(path)
+
+    monkeypatch.setattr(plots, "_save", keep_ticks)
+    metrics = pd.DataFrame({"epoch": [0, 1, 2], "train_task_loss": [1.0, 0.7, 0.5], "val_sw1": [0.4, 0.3, 0.2]})
+    plots.plot_training_curves(metrics, tmp_path / "curves.png")
+    assert ticks and all(float(tick).is_integer() for tick in ticks)
 
 
 def test_compare_layer(tmp_path):
