@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -79,8 +80,19 @@ LayersOption = Annotated[
 TypesOption = Annotated[
     Optional[list[str]], typer.Option("--types", help="Module class names, comma-separated or repeated: Linear,Conv2d.")
 ]
+
+
+class Layout(str, Enum):
+    """--layout's choices: perdiag.layout.LAYOUTS (a test keeps them equal), spelled out here so that
+    a misspelt value is refused while parsing, before anything is loaded, without importing torch."""
+
+    auto = "auto"
+    channels_first = "channels_first"
+    channels_last = "channels_last"
+
+
 LayoutOption = Annotated[
-    str, typer.Option("--layout", help="How 3-D outputs are read: auto, channels_first (B,C,L) or channels_last (B,T,D).")
+    Layout, typer.Option("--layout", help="How 3-D outputs are read: auto, channels_first (B,C,L) or channels_last (B,T,D).")
 ]
 SeedOption = Annotated[int, typer.Option("--seed", help="Seed for projections, reservoir sampling and random inputs.")]
 ProjectionsOption = Annotated[int, typer.Option("--projections", min=1, help="Number of random directions (slices).")]
@@ -110,7 +122,7 @@ def inspect(
     device: DeviceOption = "cpu",
     layers: LayersOption = None,
     types: TypesOption = None,
-    layout: LayoutOption = "auto",
+    layout: LayoutOption = Layout.auto,
     list_layers: Annotated[bool, typer.Option("--list-layers", help="Print the module tree with output shapes and exit.")] = False,
     max_samples: Annotated[
         int, typer.Option("--max-samples", min=2, help="Reservoir rows per layer for PER and the exact distances.")
@@ -146,7 +158,7 @@ def inspect(
     settings = InspectSettings(
         layers=layers,
         types=workflow.split_names(types),
-        layout=layout,
+        layout=layout.value,
         max_samples=max_samples,
         max_values=max_values,
         n_projections=projections,
@@ -219,7 +231,7 @@ def compare(
     device: DeviceOption = "cpu",
     layers: LayersOption = None,
     types: TypesOption = None,
-    layout: LayoutOption = "auto",
+    layout: LayoutOption = Layout.auto,
     max_samples: Annotated[
         int, typer.Option("--max-samples", min=2, help="Reservoir rows per layer and side for the exact distances.")
     ] = 4096,
@@ -242,7 +254,7 @@ def compare(
     from perdiag.console import progress
     from perdiag.data import iter_batches
     from perdiag.diagnose import InspectSettings
-    from perdiag.report import render_table
+    from perdiag.report import render_table, scale_line
 
     if model_b is not None and data2 is not None:
         raise PerdiagError(
@@ -266,14 +278,16 @@ def compare(
     else:
         labels = side_labels(str(data) if data is not None else "sample data (val)", str(data2))
     settings = InspectSettings(
-        layers=layers, types=workflow.split_names(types), layout=layout, max_samples=max_samples,
+        layers=layers, types=workflow.split_names(types), layout=layout.value, max_samples=max_samples,
         n_projections=projections, seed=seed,
     )
     n_batches = sum(
         min(-(-len(chosen.examples) // batch_size), max_batches or 1 << 62) for chosen in (chosen_a, chosen_b)
     )
     if not quiet:
-        for note in dict.fromkeys(loaded_a.notes + loaded_b.notes):
+        # Two models may load by different paths (a perdiag checkpoint, a state dict): say which is which.
+        notes = loaded_a.notes if model_b is None else [f"A: {n}" for n in loaded_a.notes] + [f"B: {n}" for n in loaded_b.notes]
+        for note in notes:
             stderr.print(f"[dim]{note}[/dim]", highlight=False)
         stderr.print(f"data A: {chosen_a.description}", highlight=False)
         if chosen_b is not chosen_a:
@@ -309,8 +323,11 @@ def compare(
     )
     if quiet:
         return
-    render_table(result.table, stdout, title=f"A {labels[0]} vs B {labels[1]}", columns=TERMINAL_COLUMNS)
-    for line in READING_NOTES:
+    render_table(
+        result.table, stdout, title=f"A {labels[0]} vs B {labels[1]}", columns=TERMINAL_COLUMNS,
+        distance_columns=("sw1_a", "sw1_b", "per_a", "per_b"),  # to N(0,1); the *_between columns are not
+    )
+    for line in (*READING_NOTES, scale_line()):
         stdout.print(line, highlight=False)
     for note in result.notes:
         stdout.print(f"note: {note}", highlight=False)
@@ -337,7 +354,9 @@ def train(
     ] = None,
     layers: LayersOption = None,
     types: TypesOption = None,
-    layout: Annotated[Optional[str], typer.Option("--layout", help="How 3-D outputs are read: auto, channels_first or channels_last.")] = None,
+    layout: Annotated[
+        Optional[Layout], typer.Option("--layout", help="How 3-D outputs are read: auto, channels_first or channels_last.")
+    ] = None,
     data: Annotated[
         Optional[Path], typer.Option("--data", help="Training inputs and targets (default: the checkpoint's train split).")
     ] = None,
@@ -386,7 +405,7 @@ def train(
     workflow.check_output_paths({"--out": out, "--metrics": metrics, "--html": html}, {"--plots": plots})
     options = dict(
         per_weight=per_weight, reg=reg, projections=projections, per_rows=per_rows, layers=layers,
-        types=workflow.split_names(types), layout=layout, data=data, val_data=val_data, target_column=target_column,
+        types=workflow.split_names(types), layout=None if layout is None else layout.value, data=data, val_data=val_data, target_column=target_column,
         task=task, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay, seed=seed,
     )
     with session(device) as context:

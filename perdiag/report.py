@@ -102,10 +102,14 @@ _STYLE = {"good": "green", "warn": "yellow", "bad": "red"}
 
 
 def distance_level(column: str, value: Any) -> str | None:
-    """'good', 'warn' or 'bad' for a distance or PER value by the module's colour scale; else None."""
+    """'good', 'warn' or 'bad' for a distance or PER value by the module's colour scale; else None.
+
+    Compare's per-side columns (``sw1_a``, ``per_b``, ...) read like inspect's ``sw1`` and ``per``.
+    """
     number = _as_float(value)
     if number is None or not math.isfinite(number):
         return None
+    column = column.removesuffix("_a").removesuffix("_b")
     if column == "per":
         deviation, (green, yellow) = abs(number - PER_OF_STANDARD_NORMAL), PER_SCALE
     elif column in DISTANCE_COLUMNS:

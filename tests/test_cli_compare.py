@@ -42,6 +42,8 @@ def test_model_with_itself_is_zero_apart(run_cli, samples, tmp_path):
     csv, js = tmp_path / "self.csv", tmp_path / "self.json"
     code, out, err = run_cli("compare", samples / "digits_mlp.pt", samples / "digits_mlp.pt", "--csv", csv, "--json", js)
     assert code == 0, err
+    # Each side says how it was loaded (they may differ: a perdiag checkpoint, a state dict).
+    assert "A: read a perdiag checkpoint" in err and "B: read a perdiag checkpoint" in err
     table = pd.read_csv(csv)
     assert list(table.columns) == list(COMPARE_COLUMNS)
     assert list(table["layer"]) == ["body.fc1", "body.act1", "body.fc2", "body.act2", "head"]

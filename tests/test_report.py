@@ -173,6 +173,9 @@ def test_distance_levels():
     assert report.distance_level("per", report.PER_OF_ZEROS) == "bad"  # all zeros is not fine
     assert report.distance_level("sw1", float("nan")) is None
     assert report.distance_level("mean", 3.0) is None
+    # compare's per-side columns use the same scales
+    assert report.distance_level("sw1_b", 0.1) == "warn" and report.distance_level("per_a", 1.128) == "good"
+    assert report.distance_level("d_mean", 3.0) is None
 
 
 def test_format_value():

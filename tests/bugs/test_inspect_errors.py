@@ -121,3 +121,18 @@ def test_version(run_cli):
 
     code, out, _ = run_cli("--version")
     assert code == 0 and __version__ in out
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["train", "--per-weight", "1"]])
+def test_misspelt_layout_is_refused_before_anything_is_loaded(run_cli, tmp_path, command):
+    # The model path does not exist: the layout must be what is reported, so nothing was loaded first.
+    code, out, err = run_cli(*command, tmp_path / "absent.pt", "--layout", "channel_first")
+    assert_user_error((code, out, err), "--layout", "channels_first")
+    assert "absent.pt" not in err
+
+
+def test_layout_choices_are_the_layout_rule_names():
+    from perdiag.cli import Layout
+    from perdiag.layout import LAYOUTS
+
+    assert tuple(choice.value for choice in Layout) == LAYOUTS
