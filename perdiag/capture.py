@@ -400,7 +400,8 @@ def describe_layers(model: nn.Module, batch_call: Callable[[], object]) -> list[
     Rows, in ``named_modules()`` order (the root only if it has no children): ``name``, ``type``
     (class name), ``output_shape`` (a tuple; ``"-"`` if the module was not called, or the reason its
     output is not captured), ``n_units`` (units under the layout rule as :class:`ActivationCapture`
-    applies it, None if not captured), ``n_params`` (own parameters, not the children's) and
+    applies it, None if not captured), ``n_params`` (the module's parameters with its children's, each
+    shared parameter once, as ``sum(p.numel() for p in module.parameters())``) and
     ``depth`` (1 for top-level modules, 0 for a childless root).
     """
     candidates = _named_candidates(model)
@@ -424,7 +425,7 @@ def describe_layers(model: nn.Module, batch_call: Callable[[], object]) -> list[
                 "type": type(module).__name__,
                 "output_shape": shape,
                 "n_units": units.get(name),
-                "n_params": sum(p.numel() for p in module.parameters(recurse=False)),
+                "n_params": sum(p.numel() for p in module.parameters()),
                 "depth": 0 if name == ROOT_NAME else name.count(".") + 1,
             }
         )

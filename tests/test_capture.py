@@ -306,7 +306,8 @@ def test_describe_layers_rows():
     }
     assert by_name["body.1"]["n_units"] == 5  # channels-first inherited from the Conv1d
     assert by_name["body.2"]["output_shape"] == (4, 45)
-    assert by_name["body"]["n_params"] == 0 and by_name["body"]["depth"] == 1
+    # A container counts its children: Conv1d (50) + body.3.0 (Linear 45 -> 2: 92).
+    assert by_name["body"]["n_params"] == 50 + 92 and by_name["body"]["depth"] == 1
     assert by_name["body.3.0"]["depth"] == 3 and by_name["body.3.0"]["n_units"] == 2
     assert by_name["unused"]["output_shape"] == "-" and by_name["unused"]["n_units"] is None
     assert all(len(m._forward_hooks) == 0 for m in model.modules())

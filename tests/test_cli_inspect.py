@@ -63,6 +63,9 @@ def test_list_layers(run_cli, samples):
     assert code == 0
     for name in ("features.conv1", "classifier.head", "Conv2d", "(256, 16, 8, 8)"):
         assert name in out
+    # A container counts its children's parameters: conv1 (16*9+16) + conv2 (32*16*9+32).
+    features = next(line for line in out.splitlines() if " features " in line and "Sequential" in line)
+    assert "4800" in features
 
 
 def test_layer_and_type_selection(run_cli, samples, tmp_path):
