@@ -513,6 +513,13 @@ def _load_trusted(
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except (ImportError, AttributeError) as err:
+        if "__main__" in str(err):
+            # The class lived in the script that saved the file: no install or path can bring it back.
+            raise PerdiagError(
+                f"{path.name} pickles a class defined in the script that saved it (__main__), which only "
+                f"that script can unpickle ({_first_line(err)}); save model.state_dict() instead and load "
+                "it with --arch package.module:Class, with the class moved into an importable module"
+            ) from err
         raise PerdiagError(
             f"{path.name} pickles a class that cannot be imported here ({_first_line(err)}); "
             "install the package that defines it or add its folder to PYTHONPATH"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -53,6 +56,23 @@ def test_pickled_module_without_trust(tmp_path):
     torch.save(Pickled(), tmp_path / "whole.pt")
     message = raises("--trust-checkpoint", load_model, tmp_path / "whole.pt")
     assert "arbitrary code" in message and "trusted source" in message
+
+
+@pytest.mark.filterwarnings("ignore:BuiltinImporter.module_repr:DeprecationWarning")  # raised while unpickling
+def test_trusted_pickle_of_a_script_class_says_to_save_a_state_dict(tmp_path):
+    # A model class defined in the training script itself is pickled as __main__.Net.
+    script = tmp_path / "train_script.py"
+    script.write_text(
+        "import sys, torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(2, 2)\n"
+        "torch.save(Net(), sys.argv[1])\n"
+    )
+    subprocess.run([sys.executable, str(script), str(tmp_path / "script.pt")], check=True)
+    message = raises("__main__", load_model, tmp_path / "script.pt", trust_checkpoint=True)
+    assert "state_dict()" in message and "--arch" in message and "PYTHONPATH" not in message
 
 
 def test_trusted_pickle_that_is_not_a_module(tmp_path):
