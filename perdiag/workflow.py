@@ -10,6 +10,7 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ from perdiag import __version__
 from perdiag.checkpoints import LoadedModel, load_model
 from perdiag.data import Examples, load_examples, random_examples
 from perdiag.errors import PerdiagError
+
+if TYPE_CHECKING:  # plotting is imported only when plots are asked for
+    from perdiag.plots import LayerPlotData
 
 
 def parse_arch_kwargs(text: str | None) -> dict:
@@ -147,7 +151,7 @@ def versions() -> dict[str, str]:
             "numpy_version": np.__version__}
 
 
-def layer_plot_data(report) -> "LayerPlotData":
+def layer_plot_data(report) -> LayerPlotData:
     """A :class:`perdiag.diagnose.LayerReport` -> what :mod:`perdiag.plots` draws."""
     from perdiag.plots import LayerPlotData
 
