@@ -24,25 +24,8 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from perdiag.plots import (
-    _LAYER_FIGSIZE,
-    _LAYER_MARGINS,
-    _NORMAL_PDF,
-    LayerPlotData,
-    _add_stairs,
-    _draw_normal,
-    _empty_note,
-    _ensure_folder,
-    _finite,
-    _finish_thumbnail,
-    _fmt,
-    _no_layers,
-    _png_bytes,
-    _save,
-    _short,
-    layer_stems,
-    plot_compare_layer,
-)
+from perdiag import figures
+from perdiag.plots import LayerPlotData, layer_stems, plot_compare_layer
 
 #: Colours of side A and side B in every comparison figure.
 _SIDE_COLOURS = ("#1f77b4", "#ff7f0e")
@@ -64,21 +47,21 @@ class ComparePlotData:
 
 def _draw_overlay(ax, samples: Sequence[np.ndarray], labels: Sequence[str], *, bins: int = 60) -> None:
     """Density histograms of several samples on shared bins spanning [-4, 4] and their 0.1-99.9% quantiles."""
-    finite = [_finite(sample) for sample in samples]
+    finite = [figures.finite_values(sample) for sample in samples]
     pooled = np.concatenate(finite) if finite else np.zeros(0)
     low = min(-4.0, float(np.quantile(pooled, 0.001))) if pooled.size else -4.0
     high = max(4.0, float(np.quantile(pooled, 0.999))) if pooled.size else 4.0
     edges = np.linspace(low, high, bins + 1)
-    top = float(_NORMAL_PDF.max())
+    top = float(figures.NORMAL_PDF.max())
     for sample, label, colour in zip(finite, labels, _SIDE_COLOURS):
         if sample.size:
             counts, _ = np.histogram(sample, bins=edges)
             density = counts / (sample.size * np.diff(edges))
-            _add_stairs(ax, density, edges, color=colour, alpha=0.45, label=f"{label} (n={sample.size})")
+            figures.add_stairs(ax, density, edges, color=colour, alpha=0.45, label=f"{label} (n={sample.size})")
             top = max(top, float(density.max()))
     if not pooled.size:
-        _empty_note(ax)
-    _draw_normal(ax)
+        figures.empty_note(ax)
+    figures.draw_normal(ax)
     ax.set_xlim(low, high)
     ax.set_ylim(0, top * 1.08)
 
@@ -92,9 +75,9 @@ class _ComparePainter:
 
     def axes(self, kind: str):
         if kind not in self._figures:
-            figure = Figure(figsize=_LAYER_FIGSIZE)
+            figure = Figure(figsize=figures.LAYER_FIGSIZE)
             FigureCanvasAgg(figure)
-            figure.subplots_adjust(**_LAYER_MARGINS)
+            figure.subplots_adjust(**figures.LAYER_MARGINS)
             ax = figure.add_subplot()
             ax.tick_params(labelsize=7)
             self._figures[kind] = (figure, ax)
@@ -114,24 +97,24 @@ class _ComparePainter:
     def paint(self, data: ComparePlotData, labels: tuple[str, str], dpi: float) -> dict[str, bytes]:
         names = [f"{side} {label}" for side, label in zip(("A", "B"), labels)]
         present = [(side, name) for side, name in zip((data.a, data.b), names) if side is not None]
-        name = _short(data.name, 48)
+        name = figures.short_name(data.name, 48)
         images = {}
         for kind in COMPARE_KINDS:
             figure, ax = self.axes(kind)
             if kind == "values":
                 _draw_overlay(ax, [side.values for side, _ in present], [label for _, label in present])
-                sw1 = ", ".join(f"{label.split()[0]} {_fmt(side.sw1)}" for side, label in present)
-                ax.set_title(f"{name}: values\nSW1 to N(0,1): {sw1}; W1 between {_fmt(data.w1_between)}",
+                sw1 = ", ".join(f"{label.split()[0]} {figures.format_number(side.sw1)}" for side, label in present)
+                ax.set_title(f"{name}: values\nSW1 to N(0,1): {sw1}; W1 between {figures.format_number(data.w1_between)}",
                              fontsize=8)
                 ax.set_xlabel("activation", fontsize=8)
             else:
                 _draw_overlay(ax, [side.projected for side, _ in present], [label for _, label in present])
-                per = ", ".join(f"{label.split()[0]} {_fmt(side.per)}" for side, label in present)
-                ax.set_title(f"{name}: projections\nPER: {per}; SW1 between {_fmt(data.sw1_between)}", fontsize=8)
+                per = ", ".join(f"{label.split()[0]} {figures.format_number(side.per)}" for side, label in present)
+                ax.set_title(f"{name}: projections\nPER: {per}; SW1 between {figures.format_number(data.sw1_between)}", fontsize=8)
                 ax.set_xlabel("<theta, h>", fontsize=8)
             ax.set_ylabel("density", fontsize=8)
             ax.legend(fontsize=6, loc="upper right", frameon=False)
-            images[kind] = _png_bytes(figure, dpi, clear=False)
+            images[kind] = figures.png_bytes(figure, dpi, clear=False)
         return images
 
 
@@ -171,26 +154,26 @@ def _compare_overview_figure(datas: Sequence[ComparePlotData], labels: tuple[str
     figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.5 / height, wspace=0.08, hspace=0.45)
     figure.suptitle("A blue, B orange, N(0,1) black; titles end with SW1 between A and B", fontsize=7 if n > 3 else 6)
     title_size = 6 if n > 30 else 7
-    cap = 2.5 * float(_NORMAL_PDF.max())
+    cap = 2.5 * float(figures.NORMAL_PDF.max())
     for index, data in enumerate(datas):
         ax = figure.add_subplot(rows, columns, index + 1)
-        low, high, top = -4.0, 4.0, float(_NORMAL_PDF.max())
+        low, high, top = -4.0, 4.0, float(figures.NORMAL_PDF.max())
         for side, colour in zip((data.a, data.b), _SIDE_COLOURS):
             drawn = _hist_density(side) if side is not None else None
             if drawn is None:
                 continue
             density, edges = drawn
-            _add_stairs(ax, density, edges, color=colour, alpha=0.45)
+            figures.add_stairs(ax, density, edges, color=colour, alpha=0.45)
             occupied = np.flatnonzero(density)
             low, high = min(low, edges[occupied[0]]), max(high, edges[occupied[-1] + 1])
             top = max(top, float(density.max()))
-        _draw_normal(ax, linewidth=0.7, label=None)
+        figures.draw_normal(ax, linewidth=0.7, label=None)
         ax.set_xlim(low, high)
         ax.set_ylim(0, min(top, cap) * 1.08)
         side = "" if data.a is not None and data.b is not None else (" (A only)" if data.a is not None else " (B only)")
-        _finish_thumbnail(ax, f"{_short(data.name, 24)}{side}  {_fmt(data.sw1_between, 2)}", title_size)
+        figures.finish_thumbnail(ax, f"{figures.short_name(data.name, 24)}{side}  {figures.format_number(data.sw1_between, 2)}", title_size)
     if not datas:
-        _no_layers(figure)
+        figures.no_layers_note(figure)
     return figure, dpi
 
 
@@ -215,7 +198,7 @@ def _compare_bars_figure(table: pd.DataFrame, labels: tuple[str, str]) -> tuple[
     if np.isfinite(values["sw1_between"]).any():
         marker = max(2.0, label_size * 0.5)
         ax.plot(values["sw1_between"], positions, "kD", markersize=marker, label="SW1 between A and B")
-    ax.set_yticks(positions, [_short(name, 40) for name in names], fontsize=label_size)
+    ax.set_yticks(positions, [figures.short_name(name, 40) for name in names], fontsize=label_size)
     ax.set_ylim(n - 0.5, -0.5)
     ax.set_xlim(left=0)
     ax.set_xlabel("SW1, activation units (to N(0,1) for the bars)", fontsize=8)
@@ -231,10 +214,10 @@ def compare_overview_images(
 ) -> dict[str, bytes]:
     """``{"overview": PNG, "sw1_bars": PNG}``: the thumbnail grid and the paired SW1 bars of a comparison."""
     figure, dpi = _compare_overview_figure(datas, labels)
-    images = {"overview": _png_bytes(figure, dpi)}
+    images = {"overview": figures.png_bytes(figure, dpi)}
     if len(table):
         figure, dpi = _compare_bars_figure(table, labels)
-        images["sw1_bars"] = _png_bytes(figure, min(dpi, 70.0))
+        images["sw1_bars"] = figures.png_bytes(figure, min(dpi, 70.0))
     return images
 
 
@@ -251,13 +234,13 @@ def save_compare_all(
     Raises PerdiagError when the folder cannot be created or written.
     """
     folder = Path(folder)
-    _ensure_folder(folder)
+    figures.ensure_folder(folder)
     written = []
     for data, stem in zip(datas, layer_stems(data.name for data in datas)):
         values = [side.values if side is not None else np.zeros(0) for side in (data.a, data.b)]
         written.append(plot_compare_layer(data.name, values[0], values[1], labels, folder, fmt, stem=stem))
     figure, dpi = _compare_overview_figure(datas, labels)
-    written.append(_save(figure, folder / f"overview.{fmt}", fmt, dpi))
+    written.append(figures.save_figure(figure, folder / f"overview.{fmt}", fmt, dpi))
     figure, dpi = _compare_bars_figure(table, labels)
-    written.append(_save(figure, folder / f"sw1_bars.{fmt}", fmt, dpi))
+    written.append(figures.save_figure(figure, folder / f"sw1_bars.{fmt}", fmt, dpi))
     return written

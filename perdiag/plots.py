@@ -23,7 +23,6 @@ The HTML report embeds PNG bytes from :func:`layer_images` and :func:`overview_i
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import re
@@ -40,25 +39,35 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.patches import StepPatch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from perdiag.errors import PerdiagError  # noqa: E402
-from perdiag.files import atomic_path  # noqa: E402
+from perdiag.figures import (  # noqa: E402
+    LAYER_FIGSIZE,
+    LAYER_MARGINS,
+    NORMAL_PDF,
+    add_stairs,
+    draw_normal,
+    empty_note,
+    ensure_folder,
+    finish_thumbnail,
+    finite_values,
+    format_number,
+    no_layers_note,
+    png_bytes,
+    save_figure,
+    short_name,
+)
 from perdiag.per import PER_OF_STANDARD_NORMAL  # noqa: E402
-from perdiag.report import DISTANCE_SCALE, MISSING  # noqa: E402
+from perdiag.report import DISTANCE_SCALE  # noqa: E402
 
 #: Q-Q plots show at most this many order statistics.
 QQ_MAX_POINTS = 2000
 #: The kinds of per-layer figure, in display order.
 LAYER_KINDS: tuple[str, ...] = ("hist", "projected", "qq")
 
-_NORMAL_GRID = np.linspace(-5.0, 5.0, 401)
-_NORMAL_PDF = stats.norm.pdf(_NORMAL_GRID)
 _BAR_COLOURS = ("#2ca02c", "#e6b400", "#d62728")
-_LAYER_FIGSIZE = (4.6, 3.2)
-_LAYER_MARGINS = {"left": 0.14, "right": 0.97, "bottom": 0.14, "top": 0.84}
+
 
 
 @dataclass
@@ -87,19 +96,6 @@ class LayerPlotData:
     w1: float
 
 
-def _fmt(value: float, digits: int = 3) -> str:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return MISSING
-    return MISSING if math.isnan(number) else f"{number:.{digits}g}"
-
-
-def _short(name: str, limit: int) -> str:
-    """Keep the end of a long qualified name (the most specific part)."""
-    return name if len(name) <= limit else "…" + name[-(limit - 1) :]
-
-
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]+")
 
 
@@ -122,74 +118,26 @@ def layer_stems(names: Iterable[str], *, max_length: int = 100) -> list[str]:
     return stems
 
 
-def _finite(values) -> np.ndarray:
-    array = np.asarray(values, dtype=np.float64).ravel()
-    return array[np.isfinite(array)]
-
-
-def _save(figure: Figure, path: str | os.PathLike, fmt: str, dpi: float, *, clear: bool = True) -> Path:
-    """Write ``figure`` atomically to ``path``; clear it afterwards (even on error) unless reused."""
-    path = Path(path)
-    try:
-        if not isinstance(figure.canvas, FigureCanvasAgg):
-            FigureCanvasAgg(figure)
-        with atomic_path(path) as temporary:
-            figure.savefig(temporary, format=fmt, dpi=dpi)
-    finally:
-        if clear:
-            figure.clear()
-    return path
-
-
-def _png_bytes(figure: Figure, dpi: float, *, clear: bool = True) -> bytes:
-    buffer = io.BytesIO()
-    try:
-        if not isinstance(figure.canvas, FigureCanvasAgg):
-            FigureCanvasAgg(figure)
-        figure.savefig(buffer, format="png", dpi=dpi)
-    finally:
-        if clear:
-            figure.clear()
-    return buffer.getvalue()
-
-
-def _empty_note(ax, text: str = "no finite values") -> None:
-    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=8, color="0.4")
-
-
-def _draw_normal(ax, *, linewidth: float = 1.2, label: str | None = "N(0,1)") -> None:
-    ax.plot(_NORMAL_GRID, _NORMAL_PDF, color="black", linewidth=linewidth, label=label)
-
-
-def _add_stairs(ax, heights: np.ndarray, edges: np.ndarray, **style) -> None:
-    """A filled step histogram, added without updating the data limits.
-
-    ``ax.stairs`` walks every vertex of the outline to update the limits, the most expensive step of
-    drawing a 256-bin histogram; callers here set their limits explicitly instead.
-    """
-    ax.add_artist(StepPatch(heights, edges, baseline=0, fill=True, **style))
-
-
 def _draw_pooled_histogram(ax, data: LayerPlotData, *, linewidth: float = 1.2, compact: bool = False) -> None:
     counts = np.asarray(data.hist_counts, dtype=np.float64).ravel()
     edges = np.asarray(data.hist_edges, dtype=np.float64).ravel()
     total = counts.sum() + int(data.n_below) + int(data.n_above)
     if counts.size == 0 or edges.size != counts.size + 1 or counts.sum() <= 0:
-        _empty_note(ax, "no values in range" if total > 0 else "no finite values")
-        _draw_normal(ax, linewidth=linewidth, label=None if compact else "N(0,1)")
+        empty_note(ax, "no values in range" if total > 0 else "no finite values")
+        draw_normal(ax, linewidth=linewidth, label=None if compact else "N(0,1)")
         ax.set_xlim(-4, 4)
         return
     density = counts / (total * np.diff(edges))
-    _add_stairs(ax, density, edges, color="#1f77b4", alpha=0.55, label=None if compact else "activations")
-    _draw_normal(ax, linewidth=linewidth, label=None if compact else "N(0,1)")
+    add_stairs(ax, density, edges, color="#1f77b4", alpha=0.55, label=None if compact else "activations")
+    draw_normal(ax, linewidth=linewidth, label=None if compact else "N(0,1)")
     occupied = np.flatnonzero(counts)
     low = min(-4.0, edges[occupied[0]])
     high = max(4.0, edges[occupied[-1] + 1])
     ax.set_xlim(low, high)
-    top = max(float(density.max()), float(_NORMAL_PDF.max()))
+    top = max(float(density.max()), float(NORMAL_PDF.max()))
     if compact:
         # A spike (ReLU zeros) would flatten the rest of a thumbnail; clip it at 2.5x the N(0,1) peak.
-        top = min(top, 2.5 * float(_NORMAL_PDF.max()))
+        top = min(top, 2.5 * float(NORMAL_PDF.max()))
     ax.set_ylim(0, top * 1.08)
 
 
@@ -212,10 +160,10 @@ class _LayerPainter:
     def _axes(self, kind: str):
         figure = self._figures.get(kind)
         if figure is None:
-            figure = Figure(figsize=_LAYER_FIGSIZE)
+            figure = Figure(figsize=LAYER_FIGSIZE)
             FigureCanvasAgg(figure)
             # Fixed margins: constrained layout would double the drawing time of these small figures.
-            figure.subplots_adjust(**_LAYER_MARGINS)
+            figure.subplots_adjust(**LAYER_MARGINS)
             ax = figure.add_subplot()
             ax.xaxis.set_major_locator(MaxNLocator(6))
             ax.yaxis.set_major_locator(MaxNLocator(5))
@@ -234,40 +182,40 @@ class _LayerPainter:
         if kind not in LAYER_KINDS:
             raise ValueError(f"unknown layer figure kind {kind!r}; choose from {LAYER_KINDS}")
         figure, ax = self._axes(kind)
-        name = _short(data.name, 48)
+        name = short_name(data.name, 48)
         if kind == "hist":
             _draw_pooled_histogram(ax, data)
             ax.set_title(
                 f"{name}: all values\n{int(data.n_below)} below, {int(data.n_above)} above the range; "
-                f"W1 {_fmt(data.w1)}",
+                f"W1 {format_number(data.w1)}",
                 fontsize=8,
             )
             ax.set_xlabel("activation", fontsize=8)
             ax.set_ylabel("density", fontsize=8)
         elif kind == "projected":
-            projected = _finite(data.projected)
+            projected = finite_values(data.projected)
             if projected.size:
                 low = min(-4.0, float(np.quantile(projected, 0.001)))
                 high = max(4.0, float(np.quantile(projected, 0.999)))
                 counts, edges = np.histogram(projected, bins=60, range=(low, high))
                 density = counts / (projected.size * np.diff(edges))
-                _add_stairs(ax, density, edges, color="#ff7f0e", alpha=0.55, label="<theta, h>")
-                top = max(float(density.max()), float(_NORMAL_PDF.max()))
+                add_stairs(ax, density, edges, color="#ff7f0e", alpha=0.55, label="<theta, h>")
+                top = max(float(density.max()), float(NORMAL_PDF.max()))
             else:
-                _empty_note(ax)
-                low, high, top = -4.0, 4.0, float(_NORMAL_PDF.max())
-            _draw_normal(ax)
+                empty_note(ax)
+                low, high, top = -4.0, 4.0, float(NORMAL_PDF.max())
+            draw_normal(ax)
             ax.set_xlim(low, high)
             ax.set_ylim(0, top * 1.08)
             ax.set_title(
-                f"{name}: projections\nPER {_fmt(data.per)} (N(0,1): {PER_OF_STANDARD_NORMAL:.3f}), "
-                f"SW1 {_fmt(data.sw1)}",
+                f"{name}: projections\nPER {format_number(data.per)} (N(0,1): {PER_OF_STANDARD_NORMAL:.3f}), "
+                f"SW1 {format_number(data.sw1)}",
                 fontsize=8,
             )
             ax.set_xlabel("<theta, h>", fontsize=8)
             ax.set_ylabel("density", fontsize=8)
         else:
-            values = np.sort(_finite(data.values))
+            values = np.sort(finite_values(data.values))
             if values.size:
                 n = values.size
                 index = np.unique(np.linspace(0, n - 1, min(n, QQ_MAX_POINTS)).round().astype(np.int64))
@@ -275,7 +223,7 @@ class _LayerPainter:
                 ax.plot(theoretical, values[index], ".", markersize=2.5, color="#1f77b4", label="reservoir")
                 ax.relim()
             else:
-                _empty_note(ax)
+                empty_note(ax)
                 ax.set_xlim(-4, 4)
                 ax.set_ylim(-4, 4)
             # axline spans the view without widening it: the axes follow the data, not the line.
@@ -306,7 +254,7 @@ def plot_layer(
     painter = _painter or _LayerPainter()
     try:
         return [
-            _save(painter.paint(kind, data), folder / f"{stem}_{kind}.{fmt}", fmt, dpi, clear=False)
+            save_figure(painter.paint(kind, data), folder / f"{stem}_{kind}.{fmt}", fmt, dpi, clear=False)
             for kind in LAYER_KINDS
         ]
     finally:
@@ -329,7 +277,7 @@ def all_layer_images(datas: Sequence[LayerPlotData], *, dpi: float = 60) -> dict
     painter = _LayerPainter()
     try:
         return {
-            data.name: {kind: _png_bytes(painter.paint(kind, data), dpi, clear=False) for kind in LAYER_KINDS}
+            data.name: {kind: png_bytes(painter.paint(kind, data), dpi, clear=False) for kind in LAYER_KINDS}
             for data in datas
         }
     finally:
@@ -358,25 +306,10 @@ def _overview_figure(datas: Sequence[LayerPlotData], thumb: bool) -> tuple[Figur
         _draw_pooled_histogram(ax, data, linewidth=0.7, compact=True)
         for artist in ax.texts:
             artist.set_fontsize(4)
-        _finish_thumbnail(ax, f"{_short(data.name, 26)}  {_fmt(data.sw1, 2)}", title_size)
+        finish_thumbnail(ax, f"{short_name(data.name, 26)}  {format_number(data.sw1, 2)}", title_size)
     if not datas:
-        _no_layers(figure)
+        no_layers_note(figure)
     return figure, dpi
-
-
-def _finish_thumbnail(ax, title: str, title_size: float) -> None:
-    """Overview-grid panel styling shared by inspect and compare overviews: no ticks, thin frame."""
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.set_title(title, fontsize=title_size, pad=1.5)
-    for spine in ax.spines.values():
-        spine.set_linewidth(0.4)
-
-
-def _no_layers(figure: Figure) -> None:
-    ax = figure.add_subplot()
-    _empty_note(ax, "no layers")
-    ax.set_axis_off()
 
 
 def plot_overview(
@@ -388,7 +321,7 @@ def plot_overview(
     200-layer model gives one readable-at-a-glance image of modest size.
     """
     figure, dpi = _overview_figure(datas, thumb)
-    return _save(figure, path, fmt, dpi)
+    return save_figure(figure, path, fmt, dpi)
 
 
 def _bars_figure(table: pd.DataFrame) -> tuple[Figure, float]:
@@ -417,7 +350,7 @@ def _bars_figure(table: pd.DataFrame) -> tuple[Figure, float]:
     missing = np.flatnonzero(~np.isfinite(sw1))
     for position in missing:
         ax.text(0, position, " n/a", va="center", fontsize=label_size, color="0.4")
-    ax.set_yticks(positions, [_short(name, 40) for name in names], fontsize=label_size)
+    ax.set_yticks(positions, [short_name(name, 40) for name in names], fontsize=label_size)
     ax.set_ylim(n - 0.5, -0.5)  # model order, top to bottom
     ax.set_xlim(left=0)
     ax.set_xlabel("SW1 to N(0,1), activation units (0 is perfect)", fontsize=8)
@@ -437,7 +370,7 @@ def plot_sw1_bars(table: pd.DataFrame, path: str | os.PathLike, *, fmt: str | No
     """
     path = Path(path)
     figure, dpi = _bars_figure(table)
-    return _save(figure, path, fmt or path.suffix.lstrip(".") or "png", dpi)
+    return save_figure(figure, path, fmt or path.suffix.lstrip(".") or "png", dpi)
 
 
 _CURVES = (
@@ -471,7 +404,7 @@ def plot_training_curves(metrics: pd.DataFrame, path: str | os.PathLike, *, fmt:
                 ax.plot(epochs[keep], values[keep], marker=marker, markersize=3, label=column)
                 drawn = True
         if not drawn:
-            _empty_note(ax, "not recorded")
+            empty_note(ax, "not recorded")
         elif len(columns) > 1:
             ax.legend(fontsize=7)
         ax.set_title(title, fontsize=9)
@@ -479,7 +412,7 @@ def plot_training_curves(metrics: pd.DataFrame, path: str | os.PathLike, *, fmt:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no 0.5 ticks
         ax.tick_params(labelsize=7)
         ax.grid(linewidth=0.3)
-    return _save(figure, path, fmt or path.suffix.lstrip(".") or "png", 100)
+    return save_figure(figure, path, fmt or path.suffix.lstrip(".") or "png", 100)
 
 
 def plot_compare_layer(
@@ -498,8 +431,8 @@ def plot_compare_layer(
     Both use the same 60 bins spanning [-4, 4] and the 0.1%-99.9% quantiles of either sample.
     Writes ``<folder>/<stem>_compare.<fmt>``.
     """
-    first, second = _finite(values_a), _finite(values_b)
-    figure = Figure(figsize=_LAYER_FIGSIZE, layout="constrained")
+    first, second = finite_values(values_a), finite_values(values_b)
+    figure = Figure(figsize=LAYER_FIGSIZE, layout="constrained")
     ax = figure.add_subplot()
     both = np.concatenate([first, second])
     low = min(-4.0, float(np.quantile(both, 0.001))) if both.size else -4.0
@@ -511,37 +444,26 @@ def plot_compare_layer(
             ax.stairs(counts / (sample.size * np.diff(edges)), edges, fill=True, alpha=0.45, color=colour,
                       label=f"{label} (n={sample.size})")
     if not both.size:
-        _empty_note(ax)
-    _draw_normal(ax)
+        empty_note(ax)
+    draw_normal(ax)
     ax.set_xlim(low, high)
-    ax.set_title(f"{_short(str(name), 48)}: {labels[0]} vs {labels[1]}", fontsize=8)
+    ax.set_title(f"{short_name(str(name), 48)}: {labels[0]} vs {labels[1]}", fontsize=8)
     ax.set_xlabel("activation", fontsize=8)
     ax.set_ylabel("density", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.legend(fontsize=6, frameon=False)
     stem = stem or layer_stems([name])[0]
-    return _save(figure, Path(folder) / f"{stem}_compare.{fmt}", fmt, dpi)
+    return save_figure(figure, Path(folder) / f"{stem}_compare.{fmt}", fmt, dpi)
 
 
 def overview_images(datas: Sequence[LayerPlotData], table: pd.DataFrame | None = None) -> dict[str, bytes]:
     """Thumbnail overview grid (and the SW1 bar chart when ``table`` is given) as PNG bytes."""
     figure, dpi = _overview_figure(datas, thumb=True)
-    images = {"overview": _png_bytes(figure, dpi)}
+    images = {"overview": png_bytes(figure, dpi)}
     if table is not None and len(table):
         figure, dpi = _bars_figure(table)
-        images["sw1_bars"] = _png_bytes(figure, min(dpi, 70.0))
+        images["sw1_bars"] = png_bytes(figure, min(dpi, 70.0))
     return images
-
-
-def _ensure_folder(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise PerdiagError(f"cannot create the plot folder {folder}: {err.strerror or err}") from err
-    if not folder.is_dir():
-        raise PerdiagError(f"the plot folder {folder} is not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PerdiagError(f"the plot folder {folder} is not writable; choose another --plots folder")
 
 
 def save_all(
@@ -553,7 +475,7 @@ def save_all(
     Raises PerdiagError when the folder cannot be created or written.
     """
     folder = Path(folder)
-    _ensure_folder(folder)
+    ensure_folder(folder)
     written: dict[str, list[Path]] = {"layers": [], "overview": [], "sw1_bars": []}
     painter = _LayerPainter()
     try:

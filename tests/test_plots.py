@@ -167,7 +167,7 @@ def test_training_curve_ticks_are_whole_epochs(tmp_path, monkeypatch):
         ticks.extend(tick for ax in figure.axes for tick in ax.get_xticks())
         return Path(path)
 
-    monkeypatch.setattr(plots, "_save", keep_ticks)
+    monkeypatch.setattr(plots, "save_figure", keep_ticks)
     metrics = pd.DataFrame({"epoch": [0, 1, 2], "train_task_loss": [1.0, 0.7, 0.5], "val_sw1": [0.4, 0.3, 0.2]})
     plots.plot_training_curves(metrics, tmp_path / "curves.png")
     assert ticks and all(float(tick).is_integer() for tick in ticks)
