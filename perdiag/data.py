@@ -11,11 +11,12 @@ Supported files and how they become model inputs:
 * ``.npy``: one array, the positional input. ``.npz``: ``x`` / ``X`` / ``inputs`` (positional) plus
   optional ``y`` / ``targets`` / ``labels``; a single unnamed array (``arr_0``) is the input; other
   arrays are keyword inputs.
-* ``.csv`` (pandas): every numeric column is a feature of one float32 input of shape (n, k);
-  ``target_column`` is removed from the inputs and becomes the targets.
+* ``.csv`` (pandas): every numeric column is a feature of one float32 input of shape (n, k); the
+  targets are ``target_column``, else a column named as below, and are removed from the inputs. A
+  first line of numbers only is data, not a header: the columns are then named "0", "1", ...
 
-In dicts and ``.npz`` files an entry named ``targets``, ``labels``, ``target``, ``label`` or ``y``
-(or ``target_column``) is taken as the targets and is NOT passed to the model. Integer inputs (token
+In dicts, ``.npz`` and ``.csv`` files an entry named ``targets``, ``labels``, ``target``, ``label`` or
+``y`` (or ``target_column``) is taken as the targets and is NOT passed to the model. Integer inputs (token
 ids) stay integer; float64 inputs become float32 because model weights are float32 (recorded in
 ``Examples.notes``). Every example tensor shares its first dimension, the example axis.
 """
@@ -34,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from perdiag.errors import PerdiagError
+from perdiag.files import NPY_MAGIC, ZIP_MAGIC, looks_like_torch_save, starts_with
 
 SUPPORTED_EXTENSIONS = (".pt", ".pth", ".npy", ".npz", ".csv")
 TARGET_KEYS = ("targets", "labels", "target", "label", "y")
@@ -243,7 +245,7 @@ def _read_pt(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "Weights only load failed" in str(err):
+        if "Weights only load failed" in str(err) and looks_like_torch_save(path):
             raise PerdiagError(
                 f"{path.name} holds pickled Python objects, not just tensors; perdiag never unpickles data files. "
                 "Save tensors only (torch.save(tensor), (x, y) or a dict of tensors) or use .npy/.npz/.csv"
@@ -256,6 +258,8 @@ def _read_pt(path: Path) -> Any:
 
 
 def _read_npy(path: Path) -> Any:
+    if not starts_with(path, NPY_MAGIC):
+        raise PerdiagError(f"cannot read {path}: not a .npy file (write it with numpy.save)")
     try:
         return np.load(path, allow_pickle=False)
     except ValueError as err:
@@ -265,6 +269,8 @@ def _read_npy(path: Path) -> Any:
 
 
 def _read_npz(path: Path) -> dict:
+    if not starts_with(path, ZIP_MAGIC):
+        raise PerdiagError(f"cannot read {path}: not a .npz file (write it with numpy.savez)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {name: archive[name] for name in archive.files}
@@ -304,6 +310,12 @@ _SUPPORTED_PT = "a tensor, (inputs, targets), a list of batches, or a dict of te
 
 def _assemble(path: Path, obj: Any, target_column: str | None, inputs_key: Any) -> Examples:
     """Turn a loaded object (tensor, array, tuple, list, dict) into :class:`Examples`."""
+    if target_column is not None and not _has_named_entries(obj):
+        # Ignoring it would hide a typo or a wrong file: there is nothing it could name.
+        raise PerdiagError(
+            f"--target-column {target_column!r} names a CSV column or an entry of a dict / .npz file, but "
+            f"{path.name} holds {_describe(obj)}; drop --target-column (an (inputs, targets) pair is read as such)"
+        )
     if isinstance(obj, (torch.Tensor, np.ndarray)):
         return _finish(path, {"x": _as_tensor(obj, "the data", path)}, ["x"], None)
     if isinstance(obj, Mapping):
@@ -326,6 +338,13 @@ def _assemble(path: Path, obj: Any, target_column: str | None, inputs_key: Any) 
             merged = {k: _cat([_as_tensor(x[k], repr(k), path) for x in obj], repr(k), path) for k in keys}
             return _from_mapping(path, merged, target_column, inputs_key)
     raise PerdiagError(f"{path.name} holds {_describe(obj)}; supported: {_SUPPORTED_PT}")
+
+
+def _has_named_entries(obj: Any) -> bool:
+    """A dict, or a list of dict batches: data whose entries have names."""
+    return isinstance(obj, Mapping) or (
+        isinstance(obj, (list, tuple)) and bool(obj) and all(isinstance(x, Mapping) for x in obj)
+    )
 
 
 def _looks_like_pair(first: torch.Tensor, second: torch.Tensor) -> bool:
@@ -385,18 +404,28 @@ def _finish(path: Path, entries: dict[str, torch.Tensor], positional: list[str],
 def _read_csv(path: Path, target_column: str | None) -> Examples:
     import pandas as pd
 
+    notes = []
     try:
         frame = pd.read_csv(path)
+        if _reads_as_data(frame.columns):
+            # The "names" are numbers (and not just column indices): the first line is an example.
+            frame = pd.read_csv(path, header=None)
+            frame.columns = [str(index) for index in range(frame.shape[1])]
+            notes.append(f"{path.name}: no header row (its first line is numbers); columns are numbered 0..{frame.shape[1] - 1}")
     except pd.errors.EmptyDataError as err:
         raise PerdiagError(f"no examples in {path}: the CSV file is empty") from err
     except (pd.errors.ParserError, UnicodeDecodeError, OSError) as err:
         raise PerdiagError(f"cannot read {path} as CSV: {str(err).strip().splitlines()[0]}") from err
     targets = None
+    if target_column is None:
+        target_column = next((name for name in TARGET_KEYS if name in frame.columns), None)
+        if target_column is not None:
+            notes.append(f"targets: the CSV column {target_column!r} (not a model input)")
     if target_column is not None:
         if target_column not in frame.columns:
-            raise PerdiagError(
-                f"target column {target_column!r} not in {path.name}; columns: {', '.join(map(str, frame.columns))}"
-            )
+            names = [str(name) for name in frame.columns]
+            shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+            raise PerdiagError(f"target column {target_column!r} not in {path.name}; columns: {shown}")
         column = frame.pop(target_column)
         if not pd.api.types.is_numeric_dtype(column):
             raise PerdiagError(f"target column {target_column!r} in {path.name} is not numeric; encode classes as integers")
@@ -417,5 +446,20 @@ def _read_csv(path: Path, target_column: str | None) -> Examples:
     if with_gaps:
         raise PerdiagError(f"missing values in columns of {path.name}: {', '.join(with_gaps[:10])}; fill or drop them")
     inputs = torch.from_numpy(frame.to_numpy(dtype=np.float32))
-    notes = [f"x: {frame.shape[1]} numeric CSV columns as float32 features"]
+    notes.append(f"x: {frame.shape[1]} numeric CSV columns as float32 features")
     return Examples((inputs,), targets=targets, notes=notes, source=str(path))
+
+
+def _reads_as_data(names: Sequence[Any]) -> bool:
+    """Whether a CSV header line is really a row of numbers, i.e. the file has no header.
+
+    Numbered columns 0..k-1 or 1..k (what ``pandas.DataFrame(array).to_csv`` writes) are a header.
+    """
+    values = []
+    for name in names:
+        try:
+            values.append(float(str(name)))
+        except ValueError:
+            return False
+    k = len(values)
+    return k > 0 and values != [float(i) for i in range(k)] and values != [float(i) for i in range(1, k + 1)]

@@ -56,3 +56,24 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write UTF-8 ``text`` to ``path`` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+#: The first bytes of the formats perdiag reads, to tell a damaged or foreign file from a pickle.
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save (since 1.6) and .npz
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def looks_like_torch_save(path: str | os.PathLike) -> bool:
+    """Whether ``path`` starts like a ``torch.save`` file: a zip archive, or a legacy pickle.
+
+    ``torch.load(weights_only=True)`` refuses random bytes with the same "Weights only load failed"
+    it gives a real pickle of Python objects; only a file that starts like one can be the latter.
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    return head == ZIP_MAGIC or head[:1] == b"\x80"  # pickle protocol 2+ opcode
+
+
+def starts_with(path: str | os.PathLike, magic: bytes) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(len(magic)) == magic

@@ -105,7 +105,7 @@ def test_csv_target_column(tmp_path):
     assert examples.targets.dtype == torch.int64 and examples.targets.tolist() == [0, 1, 0]
     frame.assign(label=[0.5, 1.0, 2.0]).to_csv(tmp_path / "r.csv", index=False)
     assert load_examples(tmp_path / "r.csv", target_column="label").targets.dtype == torch.float32
-    assert load_examples(tmp_path / "t.csv").args[0].shape == (3, 3)
+    assert load_examples(tmp_path / "t.csv").args[0].shape == (3, 2)  # "label" is the targets by default
 
 
 def test_iter_batches_and_max_batches():
@@ -146,3 +146,25 @@ def test_random_examples_and_batch_to():
     assert not examples.has_targets
     batch = next(iter_batches(examples, 10)).to("cpu", dtype=torch.float16)
     assert batch.args[0].dtype == torch.float16
+
+
+def test_csv_without_a_header_keeps_its_first_row(tmp_path):
+    values = np.arange(12, dtype=np.float64).reshape(4, 3) * 0.5 - 1.25
+    np.savetxt(tmp_path / "plain.csv", values, delimiter=",")  # no header line
+    examples = load_examples(tmp_path / "plain.csv")
+    np.testing.assert_array_equal(examples.args[0].numpy(), values.astype(np.float32))
+    assert any("no header row" in note for note in examples.notes)
+    # Its columns are numbered, so a target column can still be named.
+    labelled = load_examples(tmp_path / "plain.csv", target_column="2")
+    assert labelled.args[0].shape == (4, 2) and labelled.targets.tolist() == values[:, 2].astype(np.float32).tolist()
+    # Numbered columns 0..k-1 (pandas' to_csv of an array) are a header, not data.
+    pd.DataFrame(values).to_csv(tmp_path / "numbered.csv", index=False)
+    numbered = load_examples(tmp_path / "numbered.csv")
+    assert numbered.args[0].shape == (4, 3) and not any("no header row" in note for note in numbered.notes)
+
+
+def test_csv_label_column_is_the_targets_by_default(tmp_path):
+    frame = pd.DataFrame({"a": [0.5, 1.5, 2.5], "b": [1.0, 2.0, 3.0], "label": [2, 0, 1]})
+    frame.to_csv(tmp_path / "labelled.csv", index=False)
+    examples = load_examples(tmp_path / "labelled.csv")
+    assert examples.args[0].shape == (3, 2) and examples.targets.tolist() == [2, 0, 1]
