@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from perdiag.errors import PerdiagError
-from perdiag.files import atomic_path
+from perdiag.files import atomic_path, looks_like_torch_save
 
 FORMAT_NAME = "perdiag-checkpoint"
 FORMAT_VERSION = 1
@@ -111,7 +111,10 @@ def import_callable(spec: str) -> Any:
                 f"module {module_name!r} has no attribute {attr_path!r} (architecture {spec!r}); check the spelling"
             ) from None
     if not callable(target):
-        raise PerdiagError(f"architecture {spec!r} names a {type(target).__name__}, not a class or function")
+        raise PerdiagError(
+            f"architecture {spec!r} names a {type(target).__name__}, not a class or function; "
+            "write package.module:Callable, e.g. torch.nn:LSTM"
+        )
     return target
 
 
@@ -351,15 +354,19 @@ def _torch_load_weights(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "Weights only load failed" in str(err):
+        if "Weights only load failed" in str(err) and looks_like_torch_save(path):
             raise _NeedsUnpickling(err) from err
-        raise PerdiagError(f"cannot read {path}: not a PyTorch checkpoint ({_first_line(err)})") from err
-    except OSError as err:
-        raise PerdiagError(f"cannot read {path}: {err.strerror or err}") from err
-    except Exception as err:  # torch raises RuntimeError, EOFError, KeyError... on corrupt files
         raise PerdiagError(
-            f"cannot read {path}: not a PyTorch checkpoint or truncated ({type(err).__name__}: {_first_line(err)})"
+            f"cannot read {path}: not a PyTorch checkpoint (it does not start like a torch.save file); check the file"
         ) from err
+    except OSError as err:
+        raise PerdiagError(
+            f"cannot read {path}: truncated or damaged ({err.strerror or err}); save or copy it again"
+        ) from err
+    except Exception as err:  # torch raises RuntimeError, EOFError, KeyError... on corrupt files
+        what = "truncated or damaged" if looks_like_torch_save(path) else "not a PyTorch checkpoint"
+        detail = _first_line(err).split(". ")[0]  # torch's zip errors run on for several sentences
+        raise PerdiagError(f"cannot read {path}: {what} ({type(err).__name__}: {detail}); check the file") from err
 
 
 class _NeedsUnpickling(Exception):

@@ -181,3 +181,42 @@ def test_non_numeric_csv(tmp_path):
 def test_csv_missing_target_column(tmp_path):
     pd.DataFrame({"a": [1, 2]}).to_csv(tmp_path / "t.csv", index=False)
     raises("target column 'label' not in t.csv", load_examples, tmp_path / "t.csv", target_column="label")
+
+
+def test_target_column_on_data_without_named_entries(tmp_path):
+    # It would be silently ignored: a typo, or a file other than the one meant.
+    torch.save((torch.zeros(4, 3), torch.zeros(4, dtype=torch.long)), tmp_path / "xy.pt")
+    message = raises("--target-column 'label'", load_examples, tmp_path / "xy.pt", target_column="label")
+    assert "drop --target-column" in message
+    np.save(tmp_path / "x.npy", np.zeros((4, 3), dtype=np.float32))
+    raises("--target-column", load_examples, tmp_path / "x.npy", target_column="y")
+
+
+def test_long_csv_column_list_is_shortened(tmp_path):
+    pd.DataFrame(np.zeros((2, 40)), columns=[f"f{i}" for i in range(40)]).to_csv(tmp_path / "wide.csv", index=False)
+    message = raises("not in wide.csv", load_examples, tmp_path / "wide.csv", target_column="label")
+    assert "f11, ... (40 in all)" in message and "f39" not in message
+
+
+def test_random_bytes_are_not_called_a_pickle(tmp_path):
+    # weights_only refuses random bytes with the same error as a real pickle: no --trust-checkpoint advice.
+    (tmp_path / "noise.pt").write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 2000, dtype=np.uint8)))
+    message = raises("not a PyTorch checkpoint", load_model, tmp_path / "noise.pt")
+    assert "--trust-checkpoint" not in message
+    torch.save(torch.zeros(3), tmp_path / "noise_data.pt")
+    (tmp_path / "noise_data.pt").write_bytes((tmp_path / "noise.pt").read_bytes())
+    assert "unpickles" not in raises("not a torch.save file", load_examples, tmp_path / "noise_data.pt")
+
+
+def test_truncated_checkpoint_says_truncated(tmp_path):
+    torch.save(DigitsMLP().state_dict(), tmp_path / "full.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "full.pt").read_bytes()[:3000])
+    message = raises("truncated or damaged", load_model, tmp_path / "cut.pt", arch=MLP)
+    assert "If you are seeing" not in message  # torch's run-on advice is cut at its first sentence
+
+
+def test_text_named_npy_is_not_an_object_array(tmp_path):
+    (tmp_path / "table.npy").write_text("a,b\n1,2\n")
+    raises("not a .npy file", load_examples, tmp_path / "table.npy")
+    (tmp_path / "table.npz").write_text("a,b\n1,2\n")
+    raises("not a .npz file", load_examples, tmp_path / "table.npz")
