@@ -24,6 +24,10 @@ _EXPECTATIONS = (
 
 def expected_input(module: nn.Module) -> str | None:
     """A short description of the input ``module`` expects, from its constructor attributes."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        # Name the rank too: a (B, C, W) batch for Conv2d fails as "unbatched", not on its channels.
+        spatial = ", ".join("HW"[: len(module.kernel_size)] if len(module.kernel_size) <= 2 else ["D", "H", "W"])
+        return f"a {2 + len(module.kernel_size)}-D (batch, {module.in_channels}, {spatial}) input"
     for attribute, template in _EXPECTATIONS:
         value = getattr(module, attribute, None)
         if isinstance(value, (int, tuple)) and not isinstance(value, bool):
@@ -78,12 +82,20 @@ def name_failing_layer(model: nn.Module) -> Iterator[None]:
                 raise PerdiagError(
                     f"layer {name} ({type(module).__name__}) rejected its input {inputs}"
                     + (f"; it expects {expected}" if expected else "")
-                    + f" ({message}); check --data / --input-shape against the model"
+                    + f" ({message}); {_fix_hint(module, args)}"
                 ) from err
             raise
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _fix_hint(module: nn.Module, args: tuple) -> str:
+    integer_input = any(isinstance(a, torch.Tensor) and not (a.is_floating_point() or a.is_complex()) for a in args)
+    float_weights = any(p.is_floating_point() for p in module.parameters(recurse=False))
+    if integer_input and float_weights:
+        return "save the inputs as float32: integer data is kept as is, for token ids"
+    return "check --data / --input-shape against the model"
 
 
 def _is_input_error(message: str) -> bool:

@@ -38,7 +38,7 @@ def test_models_without_a_common_layer(run_cli, samples):
 def test_mismatched_data_names_the_side_and_the_layer(run_cli, samples, models, data, side):
     args = [samples / name for name in models]
     args += [samples / part if part.endswith(".pt") else part for part in data]
-    assert_user_error(run_cli("compare", *args), f"{side}: layer features.conv1 (Conv2d) rejected its input", "1 channels")
+    assert_user_error(run_cli("compare", *args), f"{side}: layer features.conv1 (Conv2d) rejected its input", "(batch, 1, H, W)")
 
 
 def test_data2_with_two_models(run_cli, samples):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -44,7 +45,7 @@ def test_bad_arch_kwargs_json(run_cli, tmp_path):
 def test_input_shape_mismatch_names_the_layer_and_expected_shape(run_cli, samples):
     assert_user_error(
         run_cli("inspect", samples / "digits_cnn.pt", "--data", samples / "digits_mlp_val.pt"),
-        "features.conv1", "Conv2d", "1 channels",
+        "features.conv1", "Conv2d", "(batch, 1, H, W)",
     )
 
 
@@ -136,3 +137,16 @@ def test_layout_choices_are_the_layout_rule_names():
     from perdiag.layout import LAYOUTS
 
     assert tuple(choice.value for choice in Layout) == LAYOUTS
+
+
+def test_integer_pixels_for_a_float_model_say_to_save_float32(run_cli, tmp_path, samples):
+    np.save(tmp_path / "pixels.npy", np.arange(20 * 64, dtype=np.int64).reshape(20, 64) % 16)
+    assert_user_error(
+        run_cli("inspect", samples / "digits_mlp.pt", "--data", tmp_path / "pixels.npy"),
+        "body.fc1 (Linear)", "int64", "save the inputs as float32",
+    )
+
+
+def test_conv_input_of_the_wrong_rank_names_the_rank(run_cli, samples):
+    code, out, err = run_cli("inspect", samples / "digits_cnn.pt", "--random", "8", "--input-shape", "1,8")
+    assert_user_error((code, out, err), "features.conv1 (Conv2d)", "(8, 1, 8)", "a 4-D (batch, 1, H, W) input")
