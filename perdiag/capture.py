@@ -100,13 +100,15 @@ def select_layers(
     if default not in ("leaves", "nonlinearities"):
         raise PerdiagError(f"unknown default layer set {default!r}; choose 'leaves' or 'nonlinearities'")
     patterns = [p.strip() for p in patterns or () if p.strip()]
-    wanted_types = {t.strip().lower() for t in types or () if t.strip()}
+    # Matched case-insensitively, reported as the user wrote them.
+    spelled = {t.strip().lower(): t.strip() for t in types or () if t.strip()}
+    wanted_types = set(spelled)
     candidates = _named_candidates(model)
 
     if wanted_types:
         known = set().union(*(_type_names(module) for _, module in candidates))
         known |= {name.lower() for name, value in vars(nn).items() if isinstance(value, type)}
-        unknown = sorted(t for t in wanted_types if t not in known)
+        unknown = sorted(spelled[t] for t in wanted_types if t not in known)
         if unknown:
             in_model = sorted({type(module).__name__ for _, module in candidates})
             raise PerdiagError(
@@ -125,7 +127,7 @@ def select_layers(
             part
             for part in (
                 f"patterns {', '.join(map(repr, patterns))}" if patterns else "",
-                f"types {', '.join(sorted(wanted_types))}" if wanted_types else "",
+                f"types {', '.join(sorted(spelled.values()))}" if wanted_types else "",
             )
             if part
         )

@@ -99,14 +99,22 @@ ProjectionsOption = Annotated[int, typer.Option("--projections", min=1, help="Nu
 InputShapeOption = Annotated[
     Optional[str], typer.Option("--input-shape", help="Per-example input shape for --random, e.g. 1,8,8.")
 ]
-PlotFormatOption = Annotated[str, typer.Option("--plot-format", help="png, svg or pdf.")]
+class PlotFormat(str, Enum):
+    """--plot-format's choices: checked while parsing, so a long run never ends in an unknown format."""
+
+    png = "png"
+    svg = "svg"
+    pdf = "pdf"
+
+
+PlotFormatOption = Annotated[PlotFormat, typer.Option("--plot-format", help="png, svg or pdf.")]
 HtmlOption = Annotated[Optional[Path], typer.Option("--html", help="Write a self-contained HTML report.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 
 
 @app.command()
 def inspect(
-    model: Annotated[Path, typer.Argument(help="Checkpoint: perdiag .pt, state dict (.pt/.pth/.bin/.safetensors), TorchScript.")],
+    model: Annotated[Path, typer.Argument(help="Checkpoint: perdiag .pt; a state dict or training checkpoint (.pt/.pth/.bin/.ckpt/.safetensors, with --arch); TorchScript; a pickled module (with --trust-checkpoint).")],
     data: DataOption = None,
     target_column: TargetColumnOption = None,
     batch_size: BatchSizeOption = 256,
@@ -135,7 +143,7 @@ def inspect(
     csv: Annotated[Optional[Path], typer.Option("--csv", help="Write the per-layer table as CSV.")] = None,
     json: Annotated[Optional[Path], typer.Option("--json", help="Write the table and settings as JSON.")] = None,
     plots: Annotated[Optional[Path], typer.Option("--plots", help="Folder for per-layer and overview plots.")] = None,
-    plot_format: PlotFormatOption = "png",
+    plot_format: PlotFormatOption = PlotFormat.png,
     html: HtmlOption = None,
     quiet: QuietOption = False,
 ) -> None:
@@ -193,7 +201,7 @@ def inspect(
     )
     result.notes[:0] = loaded.notes
     written = workflow.write_inspect_outputs(
-        result, csv=csv, json_path=json, plots=plots, html=html, plot_format=plot_format, title=f"perdiag inspect: {model.name}"
+        result, csv=csv, json_path=json, plots=plots, html=html, plot_format=plot_format.value, title=f"perdiag inspect: {model.name}"
     )
     if quiet:
         return
@@ -240,7 +248,7 @@ def compare(
     csv: Annotated[Optional[Path], typer.Option("--csv", help="Write the comparison table as CSV.")] = None,
     json: Annotated[Optional[Path], typer.Option("--json", help="Write the table, settings and notes as JSON.")] = None,
     plots: Annotated[Optional[Path], typer.Option("--plots", help="Folder for per-layer overlays and overview plots.")] = None,
-    plot_format: PlotFormatOption = "png",
+    plot_format: PlotFormatOption = PlotFormat.png,
     html: HtmlOption = None,
     quiet: QuietOption = False,
 ) -> None:
@@ -318,7 +326,7 @@ def compare(
         }
     )
     written = workflow.write_compare_outputs(
-        result, csv=csv, json_path=json, plots=plots, html=html, plot_format=plot_format,
+        result, csv=csv, json_path=json, plots=plots, html=html, plot_format=plot_format.value,
         title=f"perdiag compare: {labels[0]} vs {labels[1]}",
     )
     if quiet:
@@ -350,7 +358,7 @@ def train(
     ] = None,
     per_rows: Annotated[
         Optional[int],
-        typer.Option("--per-rows", help="PER on this many rows per layer and step, drawn uniformly at random: an unbiased estimate; 0 = all rows (default: 32)."),
+        typer.Option("--per-rows", help="PER on this many rows per layer and step, drawn uniformly at random: an unbiased estimate; 0 (or more rows than a layer has) = all rows (default: 32)."),
     ] = None,
     layers: LayersOption = None,
     types: TypesOption = None,
@@ -367,7 +375,7 @@ def train(
     task: Annotated[
         Optional[str], typer.Option("--task", help="classification (cross-entropy) or regression (MSE) (default: the checkpoint's task, else classification).")
     ] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Epochs in total; with --resume, more to train further (default: 5).")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Epochs in total, not extra ones: with --resume, a new total above those done (default: 5).")] = None,
     batch_size: Annotated[
         Optional[int], typer.Option("--batch-size", help="GLOBAL batch: split over torchrun processes (default: 64).")
     ] = None,
@@ -506,7 +514,8 @@ def main(argv: list[str] | None = None) -> None:
         if _is_usage_error(err):
             if speak:
                 command = getattr(getattr(err, "ctx", None), "command_path", "perdiag")
-                message = " ".join(err.format_message().split())
+                # Typer words a refused choice "Value error, 'x' is not one of ...": the prefix says nothing.
+                message = " ".join(err.format_message().split()).replace("Value error, ", "")
                 stderr.print(f"[bold red]error:[/bold red] {message} (see '{command} --help')", highlight=False, soft_wrap=True)
             sys.exit(err.exit_code)
         if type(err).__name__ == "Abort":

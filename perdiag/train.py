@@ -459,8 +459,8 @@ def plan_run(
         state = TrainState.from_dict(saved["train_state"])
         if state.epoch >= config.epochs:
             raise PerdiagError(
-                f"the run in {Path(resume).name} already completed {state.epoch} epochs; pass --epochs N with N > "
-                f"{state.epoch} to train further"
+                f"the run in {Path(resume).name} already completed {state.epoch} epoch{'s' if state.epoch != 1 else ''}; "
+                f"pass --epochs N with N > {state.epoch} (the total, not a number of extra epochs) to train further"
             )
         out_path = Path(out) if out is not None else Path(resume)
         metadata = dict(loaded.metadata)

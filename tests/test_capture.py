@@ -72,9 +72,9 @@ def test_no_match_error_lists_names_and_suggests_list_layers():
 
 
 def test_unknown_type_is_named():
-    with pytest.raises(PerdiagError, match="unknown layer type.*lienar"):
+    with pytest.raises(PerdiagError, match="unknown layer type.*Lienar"):
         select_layers(mlp(), types=["Lienar"])
-    with pytest.raises(PerdiagError, match="no layers match"):  # a real nn type, just not in the model
+    with pytest.raises(PerdiagError, match="no layers match types Conv2d;"):  # a real nn type, not in the model; named as written
         select_layers(mlp(), types=["Conv2d"])
 
 

@@ -60,6 +60,6 @@ def test_no_matching_layers_message_is_actionable():
 
 
 def test_unknown_type_names_are_reported():
-    with pytest.raises(PerdiagError, match="unknown layer type.*conv3x3") as caught:
+    with pytest.raises(PerdiagError, match="unknown layer type.*Conv3x3") as caught:
         select_layers(linear_then_inplace_relu(), types=["Linear", "Conv3x3"])
     assert "Linear" in str(caught.value)  # lists the types the model does have
