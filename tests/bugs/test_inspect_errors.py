@@ -150,3 +150,10 @@ def test_integer_pixels_for_a_float_model_say_to_save_float32(run_cli, tmp_path,
 def test_conv_input_of_the_wrong_rank_names_the_rank(run_cli, samples):
     code, out, err = run_cli("inspect", samples / "digits_cnn.pt", "--random", "8", "--input-shape", "1,8")
     assert_user_error((code, out, err), "features.conv1 (Conv2d)", "(8, 1, 8)", "a 4-D (batch, 1, H, W) input")
+
+
+def test_unknown_plot_format_is_refused_before_the_run(run_cli, tmp_path):
+    # It once surfaced as an internal error after the whole computation.
+    code, out, err = run_cli("inspect", tmp_path / "absent.pt", "--plot-format", "bmp", "--plots", tmp_path / "p")
+    assert_user_error((code, out, err), "--plot-format", "'png', 'svg', 'pdf'")
+    assert "Value error" not in err and not (tmp_path / "p").exists()
