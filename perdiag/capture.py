@@ -113,7 +113,7 @@ def select_layers(
             in_model = sorted({type(module).__name__ for _, module in candidates})
             raise PerdiagError(
                 f"unknown layer type(s) {', '.join(unknown)}; types in this model: "
-                f"{_listing(in_model)} (see --list-layers)"
+                f"{_listing(in_model)} (see perdiag inspect MODEL --list-layers)"
             )
 
     if patterns or wanted_types:
@@ -146,7 +146,7 @@ def select_layers(
         type_list = sorted({type(module).__name__ for _, module in candidates})
         raise PerdiagError(
             f"no layers match {what}; layers: {_listing(names)}; types: {_listing(type_list)}. "
-            "Run with --list-layers to see them all"
+            "perdiag inspect MODEL --list-layers shows them all"
         )
     return selected
 
@@ -187,6 +187,8 @@ def _extract(output: object) -> tuple[torch.Tensor | None, str]:
 
 
 def _floating(tensor: torch.Tensor) -> tuple[torch.Tensor | None, str]:
+    if tensor.is_nested:
+        return None, "output is a nested tensor (ragged rows have no (samples, units) layout)"
     if tensor.is_floating_point():
         return tensor, ""
     return None, f"output is a {str(tensor.dtype).removeprefix('torch.')} tensor, not floating point"
@@ -304,6 +306,11 @@ class ActivationCapture:
         self._prune_at = 64
 
     def __enter__(self) -> ActivationCapture:
+        # PyTorch's transformer fast path (eval, no grad) runs a whole nn.TransformerEncoderLayer as
+        # one fused op, so hooks on its submodules never fire, and it packs padded batches into
+        # nested tensors that have no plain shape. Off while capturing: every module really runs.
+        self._fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
         try:
             for name, module in self.layers:
                 hook = self._make_hook(name)
@@ -320,11 +327,14 @@ class ActivationCapture:
         return False
 
     def remove(self) -> None:
-        """Remove every hook (idempotent)."""
+        """Remove every hook and restore the transformer fast-path setting (idempotent)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self._produced.clear()
+        if getattr(self, "_fastpath", None) is not None:
+            torch.backends.mha.set_fastpath_enabled(self._fastpath)
+            self._fastpath = None
 
     def _make_hook(self, name: str):
         def hook(module: nn.Module, args: tuple, output: object) -> None:
@@ -406,6 +416,11 @@ def describe_layers(model: nn.Module, batch_call: Callable[[], object]) -> list[
     shared parameter once, as ``sum(p.numel() for p in module.parameters())``) and
     ``depth`` (1 for top-level modules, 0 for a childless root).
     """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise PerdiagError(
+            "--list-layers needs per-module hooks, which TorchScript models do not accept; inspect reports "
+            "such a model's output only (load the eager model with a state dict + --arch for its layers)"
+        )
     candidates = _named_candidates(model)
     units: dict[str, int] = {}
 

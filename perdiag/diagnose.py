@@ -246,6 +246,11 @@ def inspect_model(
     set_eval(model)
     scripted = isinstance(model, torch.jit.ScriptModule)
     # Scripted modules accept no Python hooks: only the model's own output can be observed.
+    if scripted and (settings.layers or settings.types):
+        raise PerdiagError(
+            "a TorchScript model accepts no per-layer hooks, so --layers / --types cannot select layers "
+            "(only the model's output is reported); drop them, or load the eager model (state dict + --arch)"
+        )
     selected = [(OUTPUT_LAYER, model)] if scripted else select_layers(model, settings.layers, settings.types)
     accumulators: dict[str, LayerAccumulator] = {}
     # The shape of a layer's first output: a full batch (the last batch may be shorter).

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from perdiag.capture import ActivationCapture, select_layers
+from perdiag.data import Batch
+from perdiag.diagnose import InspectSettings, inspect_model
 from perdiag.errors import PerdiagError
 from perdiag.stream import LayerAccumulator
 
@@ -63,3 +65,37 @@ def test_unknown_type_names_are_reported():
     with pytest.raises(PerdiagError, match="unknown layer type.*Conv3x3") as caught:
         select_layers(linear_then_inplace_relu(), types=["Linear", "Conv3x3"])
     assert "Linear" in str(caught.value)  # lists the types the model does have
+
+
+class MaskedEncoder(nn.Module):
+    """Token ids and a padding mask through nn.TransformerEncoder, as a text classifier would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.encoder(self.embed(input_ids), src_key_padding_mask=attention_mask == 0)
+        return self.head(hidden.mean(dim=1))
+
+
+def test_transformer_fast_path_with_a_padding_mask_is_captured_layer_by_layer():
+    # In eval mode with no grad, PyTorch would run each encoder layer as one fused op (its
+    # submodules' hooks never fire) on nested tensors (no plain shape): the capture turns that off.
+    torch.manual_seed(0)
+    model = MaskedEncoder().eval()
+    ids = torch.randint(1, 20, (6, 9))
+    mask = torch.ones(6, 9, dtype=torch.long)
+    mask[:, 6:] = 0  # three padded positions per sequence
+    batch = Batch(args=(), kwargs={"input_ids": ids, "attention_mask": mask})
+    before = torch.backends.mha.get_fastpath_enabled()
+    result = inspect_model(model, [batch], InspectSettings(max_samples=64))
+    assert torch.backends.mha.get_fastpath_enabled() == before  # restored
+    layers = list(result.table["layer"])
+    assert "encoder.layers.0.linear1" in layers and "encoder.layers.1.norm2" in layers
+    row = result.table.set_index("layer").loc["encoder.layers.0.linear1"]
+    assert row["n_samples"] == 6 * 9 and row["n_units"] == 32  # padded positions are rows too
+    assert not any("nested" in note for note in result.notes)

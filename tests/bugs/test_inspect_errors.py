@@ -157,3 +157,14 @@ def test_unknown_plot_format_is_refused_before_the_run(run_cli, tmp_path):
     code, out, err = run_cli("inspect", tmp_path / "absent.pt", "--plot-format", "bmp", "--plots", tmp_path / "p")
     assert_user_error((code, out, err), "--plot-format", "'png', 'svg', 'pdf'")
     assert "Value error" not in err and not (tmp_path / "p").exists()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated in favour of torch.export
+def test_torchscript_refuses_layer_selection_and_list_layers(run_cli, samples, tmp_path):
+    from perdiag.checkpoints import load_model
+
+    torch.jit.save(torch.jit.script(load_model(samples / "digits_mlp.pt").model.eval()), tmp_path / "scripted.pt")
+    data = ("--data", samples / "digits_mlp_val.pt")
+    # --types used to be ignored (exit 0, the output only) and --list-layers was an internal error.
+    assert_user_error(run_cli("inspect", tmp_path / "scripted.pt", *data, "--types", "Linear"), "TorchScript", "--types")
+    assert_user_error(run_cli("inspect", tmp_path / "scripted.pt", *data, "--list-layers"), "--list-layers", "TorchScript")
