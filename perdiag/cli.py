@@ -292,10 +292,10 @@ def compare(
     n_batches = sum(
         min(-(-len(chosen.examples) // batch_size), max_batches or 1 << 62) for chosen in (chosen_a, chosen_b)
     )
+    # Two models may load by different paths (a perdiag checkpoint, a state dict): say which is which.
+    load_notes = loaded_a.notes if model_b is None else [f"A: {n}" for n in loaded_a.notes] + [f"B: {n}" for n in loaded_b.notes]
     if not quiet:
-        # Two models may load by different paths (a perdiag checkpoint, a state dict): say which is which.
-        notes = loaded_a.notes if model_b is None else [f"A: {n}" for n in loaded_a.notes] + [f"B: {n}" for n in loaded_b.notes]
-        for note in notes:
+        for note in load_notes:
             stderr.print(f"[dim]{note}[/dim]", highlight=False)
         stderr.print(f"data A: {chosen_a.description}", highlight=False)
         if chosen_b is not chosen_a:
@@ -325,6 +325,8 @@ def compare(
             **workflow.versions(),
         }
     )
+    n_own_notes = len(result.notes)
+    result.notes[:0] = load_notes  # into the JSON and HTML too: what loading ignored or left unset
     written = workflow.write_compare_outputs(
         result, csv=csv, json_path=json, plots=plots, html=html, plot_format=plot_format.value,
         title=f"perdiag compare: {labels[0]} vs {labels[1]}",
@@ -337,7 +339,7 @@ def compare(
     )
     for line in (*READING_NOTES, scale_line()):
         stdout.print(line, highlight=False)
-    for note in result.notes:
+    for note in result.notes[len(result.notes) - n_own_notes:]:  # the loading notes are on stderr already
         stdout.print(f"note: {note}", highlight=False)
     for path in _summarise_paths(written):
         stdout.print(f"wrote {path}", highlight=False)
@@ -441,6 +443,10 @@ def train(
             except training.TrainingInterrupted as stopped:
                 if context.is_main:
                     stderr.print(f"[bold yellow]stopped:[/bold yellow] {stopped}", highlight=False, soft_wrap=True)
+                    if metrics and stopped.metrics is not None and len(stopped.metrics):
+                        # The finished epochs' rows are not lost with the run; --resume rewrites the file.
+                        training.write_metrics(stopped.metrics, metrics)
+                        stderr.print(f"wrote {metrics} ({len(stopped.metrics)} rows, epochs done so far)", highlight=False)
                 raise typer.Exit(130) from None
         if not context.is_main:
             return

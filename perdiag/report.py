@@ -207,8 +207,13 @@ def json_ready(value: Any) -> Any:
     return str(value)
 
 
-def write_json(table: pd.DataFrame, path: str | os.PathLike, settings: Mapping[str, Any]) -> None:
-    """Write ``{"settings": {...}, "layers": [one object per row]}`` as strict JSON.
+def write_json(
+    table: pd.DataFrame, path: str | os.PathLike, settings: Mapping[str, Any], notes: Sequence[str] = ()
+) -> None:
+    """Write ``{"settings": {...}, "notes": [...], "layers": [one object per row]}`` as strict JSON.
+
+    ``notes`` are the run's remarks (how the model was loaded, keys ignored or left at their
+    initial value under ``--no-strict``, skipped layers): a machine-readable record of them.
 
     NaN and +-inf become ``null`` (JSON has no NaN); keys are the table's column names exactly,
     REQUIRED_COLUMNS first. Settings values that are not JSON types (paths, numpy scalars) are
@@ -219,7 +224,7 @@ def write_json(table: pd.DataFrame, path: str | os.PathLike, settings: Mapping[s
         {str(column): json_ready(value) for column, value in zip(ordered.columns, row)}
         for row in ordered.itertuples(index=False, name=None)
     ]
-    document = {"settings": json_ready(dict(settings)), "layers": records}
+    document = {"settings": json_ready(dict(settings)), "notes": [str(note) for note in notes], "layers": records}
     text = json.dumps(document, indent=2, allow_nan=False, ensure_ascii=False)
     with atomic_path(path) as temporary:
         temporary.write_text(text + "\n", encoding="utf-8")

@@ -360,11 +360,15 @@ class TrainResult:
 class TrainingInterrupted(Exception):
     """Ctrl-C stopped training; a resumable checkpoint was written to ``checkpoint``."""
 
-    def __init__(self, checkpoint: Path, epoch: int, step_in_epoch: int, global_step: int) -> None:
+    def __init__(
+        self, checkpoint: Path, epoch: int, step_in_epoch: int, global_step: int, metrics: pd.DataFrame | None = None
+    ) -> None:
         self.checkpoint = checkpoint
         self.epoch = epoch
         self.step_in_epoch = step_in_epoch
         self.global_step = global_step
+        #: The per-epoch metrics of the epochs finished before the interruption (epoch 0 included).
+        self.metrics = metrics
         super().__init__(
             f"interrupted after {global_step} steps (epoch {epoch + 1}, step {step_in_epoch}); saved a resumable "
             f"checkpoint at the last completed step: {checkpoint}; continue with: perdiag train --resume {checkpoint}"
@@ -657,7 +661,9 @@ def fit(
             save_run(plan, model, optimizer, state, path, finished=False)
         if guard.agreed:
             context.barrier()  # the other ranks wait for rank 0's file before they exit
-        raise TrainingInterrupted(path, state.epoch, state.step_in_epoch, state.global_step) from None
+        raise TrainingInterrupted(
+            path, state.epoch, state.step_in_epoch, state.global_step, metrics_frame(state.history)
+        ) from None
 
     written = None
     if save and context.is_main:
@@ -865,6 +871,13 @@ def run_settings(plan: TrainPlan, context: DistContext | None = None) -> dict:
     }
 
 
+def write_metrics(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """The per-epoch metrics table as CSV, written atomically."""
+    with atomic_path(path) as temporary:
+        frame.to_csv(temporary, index=False)
+    return Path(path)
+
+
 def write_outputs(
     result: TrainResult,
     settings: Mapping[str, Any],
@@ -884,9 +897,7 @@ def write_outputs(
     written: list[Path] = []
     frame = result.metrics
     if metrics:
-        with atomic_path(metrics) as temporary:
-            frame.to_csv(temporary, index=False)
-        written.append(Path(metrics))
+        written.append(write_metrics(frame, metrics))
     history = result.state.history
     bars = {"sw1_before": layer_sw1_table(history[0]), "sw1_after": layer_sw1_table(history[-1])} if history else {}
     if plots:

@@ -191,7 +191,7 @@ def write_inspect_outputs(
         write_csv(result.table, csv)
         written.append(Path(csv))
     if json_path:
-        write_json(result.table, json_path, result.settings)
+        write_json(result.table, json_path, result.settings, result.notes)
         written.append(Path(json_path))
     if not (plots or html):
         return written

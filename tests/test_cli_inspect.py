@@ -171,3 +171,19 @@ def test_real_entry_point_exit_codes():
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "no/such/model.pt" in result.stderr
+
+
+def test_no_strict_notes_reach_the_json(run_cli, samples, tmp_path):
+    loaded = load_model(samples / "digits_mlp.pt")
+    state = loaded.model.state_dict()
+    state["extra.weight"] = torch.zeros(1)
+    del state["head.bias"]
+    torch.save(state, tmp_path / "loose.pt")
+    js = tmp_path / "loose.json"
+    code, _, err = run_cli(
+        "inspect", tmp_path / "loose.pt", "--arch", loaded.arch, "--arch-kwargs", json.dumps(loaded.arch_kwargs),
+        "--no-strict", "--data", samples / "digits_mlp_val.pt", "--json", js, "-q",
+    )
+    assert code == 0, err
+    notes = " ".join(json.loads(js.read_text())["notes"])
+    assert "extra.weight" in notes and "head.bias" in notes  # a -q run still records what loading skipped

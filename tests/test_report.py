@@ -72,7 +72,7 @@ def test_json_is_strict_with_null_for_nan(tmp_path):
     text = path.read_text(encoding="utf-8")
     assert "NaN" not in text and "Infinity" not in text
     document = json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
-    assert set(document) == {"settings", "layers"}
+    assert set(document) == {"settings", "notes", "layers"} and document["notes"] == []
     assert document["settings"] == {"seed": 3, "model": str(tmp_path / "m.pt"), "n_projections": 64, "bad": None}
     layers = document["layers"]
     assert len(layers) == len(table)

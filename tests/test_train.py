@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -143,6 +144,27 @@ def test_cli_ctrl_c_exits_130_with_a_resumable_checkpoint(tmp_path, monkeypatch,
     assert "--resume" in message and str(out) in message.replace("\n", "")
     state = load_model(out).checkpoint["train_state"]
     assert state["global_step"] == 2 and state["step_in_epoch"] == 2
+
+
+def test_cli_ctrl_c_keeps_the_finished_epochs_metrics(tmp_path, monkeypatch, capsys):
+    real_step = training.train_step
+    steps_per_epoch = math.ceil(len(load_examples(ROOT / "sample_checkpoints" / "digits_mlp_train.pt").args[0]) / 64)
+    calls = {"n": 0}
+
+    def interrupted_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == steps_per_epoch + 3:  # three steps into epoch 2
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_step", interrupted_step)
+    metrics = tmp_path / "m.csv"
+    with pytest.raises(SystemExit) as done:
+        main(["train", str(MLP), "--per-weight", "0.01", "--epochs", "3", "--out", str(tmp_path / "run.pt"),
+              "--metrics", str(metrics), "-q"])
+    assert done.value.code == 130
+    assert list(pd.read_csv(metrics)["epoch"]) == [0, 1]  # before training, and the one finished epoch
+    assert str(metrics) in capsys.readouterr().err
 
 
 def test_sigint_stops_at_the_next_step_boundary(tmp_path):
