@@ -73,8 +73,37 @@ class Batch:
         )
 
     def call(self, model: Any) -> Any:
-        """``model(*args, **kwargs)``."""
-        return model(*self.args, **self.kwargs)
+        """``model(*args, **kwargs)``; inputs the model's ``forward`` cannot take are a PerdiagError."""
+        try:
+            return model(*self.args, **self.kwargs)
+        except TypeError as err:
+            mismatch = _signature_mismatch(model, self.args, self.kwargs)
+            if mismatch is None:
+                raise  # a TypeError inside forward: the model's own, not the data's
+            given = [f"{len(self.args)} positional"] if self.args else []
+            given += [f"keyword {', '.join(self.kwargs)}"] if self.kwargs else []
+            raise PerdiagError(
+                f"the model's forward{mismatch[0]} cannot take the data's inputs ({' and '.join(given) or 'none'}): "
+                f"{mismatch[1]}. Entries of a dict or .npz are keyword arguments, except x / X / inputs / input "
+                "(positional) and targets / labels / target / label / y (the targets): rename them, or name the "
+                "targets with --target-column"
+            ) from err
+
+
+def _signature_mismatch(model: Any, args: tuple, kwargs: dict) -> tuple[str, str] | None:
+    """(forward's signature, why ``args``/``kwargs`` do not bind to it), or None if they do (or it is unknown)."""
+    import inspect
+
+    forward = getattr(model, "forward", model)
+    try:
+        signature = inspect.signature(forward)
+    except (TypeError, ValueError):  # builtins, TorchScript
+        return None
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as err:
+        return str(signature), str(err)
+    return None
 
 
 class Examples(Dataset):
@@ -136,8 +165,11 @@ class Examples(Dataset):
         return self.targets is not None
 
     def inputs_description(self) -> str:
-        """E.g. ``"x: (1797, 64) float32"``; keyword inputs follow, separated by ``"; "``."""
-        return "; ".join(f"{name}: {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for name, t in self._named())
+        """E.g. ``"x: (1797, 64) float32; targets: (1797,) int64"``: inputs, keyword inputs, then targets."""
+        named = list(self._named())
+        if self.targets is not None:
+            named.append(("targets", self.targets))
+        return "; ".join(f"{name}: {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for name, t in named)
 
 
 def collate_examples(items: Sequence[tuple]) -> Batch:
@@ -364,6 +396,8 @@ def _from_mapping(path: Path, mapping: Mapping, target_column: str | None, input
         if target_column not in entries:
             raise PerdiagError(f"target {target_column!r} not found in {path.name}; entries: {', '.join(entries)}")
         target_key: str | None = target_column
+    elif list(entries) == ["arr_0", "arr_1"] and _looks_like_pair(entries["arr_0"], entries["arr_1"]):
+        target_key = "arr_1"  # np.savez(path, x, y): unnamed arrays in order, as an (inputs, targets) pair
     else:
         target_key = next((k for k in TARGET_KEYS if k in entries), None)
     targets = entries.pop(target_key) if target_key is not None else None
@@ -407,7 +441,8 @@ def _read_csv(path: Path, target_column: str | None) -> Examples:
     notes = []
     try:
         frame = pd.read_csv(path)
-        if _reads_as_data(frame.columns):
+        # pandas renames repeated names ("0.5", "0.5.1"): judge the header from the raw first line.
+        if _reads_as_data(_first_csv_line(path)):
             # The "names" are numbers (and not just column indices): the first line is an example.
             frame = pd.read_csv(path, header=None)
             frame.columns = [str(index) for index in range(frame.shape[1])]
@@ -416,9 +451,22 @@ def _read_csv(path: Path, target_column: str | None) -> Examples:
         raise PerdiagError(f"no examples in {path}: the CSV file is empty") from err
     except (pd.errors.ParserError, UnicodeDecodeError, OSError) as err:
         raise PerdiagError(f"cannot read {path} as CSV: {str(err).strip().splitlines()[0]}") from err
+    if frame.shape[0] == 0:
+        raise PerdiagError(f"no examples in {path}: the CSV has a header but no rows")
+    if frame.shape[1] == 1 and any(sep in str(frame.columns[0]) for sep in ";\t|"):
+        raise PerdiagError(
+            f"{path.name} reads as one column {str(frame.columns[0])[:60]!r}...: perdiag reads comma-separated CSV; "
+            "re-save it with commas (DataFrame.to_csv does)"
+        )
+    first = frame.columns[0] if len(frame.columns) else None
+    if first == "Unnamed: 0" and frame[first].equals(pd.Series(range(len(frame)))):
+        # DataFrame.to_csv's default index column (0, 1, ..., n-1, no name): row numbers, not a feature.
+        frame = frame.drop(columns=first)
+        notes.append(f"{path.name}: dropped the unnamed first column 0..{len(frame) - 1} (a pandas index)")
     targets = None
     if target_column is None:
-        target_column = next((name for name in TARGET_KEYS if name in frame.columns), None)
+        lowered = {str(name).lower(): name for name in frame.columns}
+        target_column = next((lowered[name] for name in TARGET_KEYS if name in lowered), None)
         if target_column is not None:
             notes.append(f"targets: the CSV column {target_column!r} (not a model input)")
     if target_column is not None:
@@ -434,8 +482,9 @@ def _read_csv(path: Path, target_column: str | None) -> Examples:
         values = column.to_numpy()
         integral = values.dtype.kind in "biu" or bool(np.all(np.equal(np.mod(values, 1), 0)))
         targets = torch.from_numpy(values.astype(np.int64 if integral else np.float32))
-    if frame.shape[0] == 0 or frame.shape[1] == 0:
-        raise PerdiagError(f"no examples in {path}: the CSV has no rows or no input columns")
+
+    if frame.shape[1] == 0:
+        raise PerdiagError(f"no examples in {path}: the CSV has no input columns besides the targets")
     non_numeric = [str(c) for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
     if non_numeric:
         raise PerdiagError(
@@ -448,6 +497,13 @@ def _read_csv(path: Path, target_column: str | None) -> Examples:
     inputs = torch.from_numpy(frame.to_numpy(dtype=np.float32))
     notes.append(f"x: {frame.shape[1]} numeric CSV columns as float32 features")
     return Examples((inputs,), targets=targets, notes=notes, source=str(path))
+
+
+def _first_csv_line(path: Path) -> list[str]:
+    import csv
+
+    with open(path, newline="", encoding="utf-8", errors="replace") as handle:
+        return next(csv.reader(handle), [])
 
 
 def _reads_as_data(names: Sequence[Any]) -> bool:

@@ -168,3 +168,41 @@ def test_csv_label_column_is_the_targets_by_default(tmp_path):
     frame.to_csv(tmp_path / "labelled.csv", index=False)
     examples = load_examples(tmp_path / "labelled.csv")
     assert examples.args[0].shape == (3, 2) and examples.targets.tolist() == [2, 0, 1]
+
+
+def test_headerless_csv_with_repeated_values_keeps_its_first_row(tmp_path):
+    # pandas renames a repeated name "0.5" to "0.5.1", which is no number: judge the raw first line.
+    values = np.array([[0.5, 0.5, 0.0, 0.0], [1.0, 0.25, 0.5, 2.0], [0.0, 0.0, 0.0, 1.0]])
+    np.savetxt(tmp_path / "repeats.csv", values, delimiter=",")
+    examples = load_examples(tmp_path / "repeats.csv", target_column="3")
+    assert examples.args[0].shape == (3, 3) and examples.targets.tolist() == [0, 2, 1]
+
+
+def test_pandas_index_column_is_dropped_and_target_names_ignore_case(tmp_path):
+    frame = pd.DataFrame({"a": [0.5, 1.5, 2.5], "b": [1.0, 2.0, 3.0], "LABEL": [2, 0, 1]})
+    frame.to_csv(tmp_path / "indexed.csv")  # pandas' default: an unnamed 0..n-1 index column first
+    examples = load_examples(tmp_path / "indexed.csv")
+    assert examples.args[0].tolist() == [[0.5, 1.0], [1.5, 2.0], [2.5, 3.0]] and examples.targets.tolist() == [2, 0, 1]
+    assert any("pandas index" in note for note in examples.notes)
+    assert "targets: (3,) int64" in examples.inputs_description()
+
+
+def test_npz_of_two_unnamed_arrays_is_inputs_and_targets(tmp_path):
+    np.savez(tmp_path / "pair.npz", np.zeros((5, 3), dtype=np.float32), np.arange(5))
+    examples = load_examples(tmp_path / "pair.npz")
+    assert examples.args[0].shape == (5, 3) and examples.targets.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_batch_call_names_inputs_forward_cannot_take_but_keeps_the_models_own_type_errors():
+    import pytest
+
+    from perdiag.errors import PerdiagError
+
+    class Net(torch.nn.Module):
+        def forward(self, x):
+            return x + "text"  # a bug inside forward: TypeError, not a data problem
+
+    with pytest.raises(PerdiagError, match="forward\\(x\\) cannot take.*keyword images"):
+        Batch(args=(), kwargs={"images": torch.zeros(2)}).call(Net())
+    with pytest.raises(TypeError):
+        Batch(args=(torch.zeros(2),), kwargs={}).call(Net())

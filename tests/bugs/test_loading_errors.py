@@ -220,3 +220,10 @@ def test_text_named_npy_is_not_an_object_array(tmp_path):
     raises("not a .npy file", load_examples, tmp_path / "table.npy")
     (tmp_path / "table.npz").write_text("a,b\n1,2\n")
     raises("not a .npz file", load_examples, tmp_path / "table.npz")
+
+
+def test_header_only_and_semicolon_csv(tmp_path):
+    (tmp_path / "header.csv").write_text("a,b,label\n")
+    raises("a header but no rows", load_examples, tmp_path / "header.csv")
+    (tmp_path / "semi.csv").write_text("a;b;c\n1;2;3\n")
+    raises("comma-separated", load_examples, tmp_path / "semi.csv")
