@@ -297,8 +297,10 @@ def compare(
     if not quiet:
         for note in load_notes:
             stderr.print(f"[dim]{note}[/dim]", highlight=False)
-        stderr.print(f"data A: {chosen_a.description}", highlight=False)
-        if chosen_b is not chosen_a:
+        if chosen_b is chosen_a:
+            stderr.print(f"data (both models): {chosen_a.description}", highlight=False)
+        else:
+            stderr.print(f"data A: {chosen_a.description}", highlight=False)
             stderr.print(f"data B: {chosen_b.description}", highlight=False)
     with progress(stderr, n_batches, "compare", quiet=quiet) as advance:
         result = compare_inspections(

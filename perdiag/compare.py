@@ -92,8 +92,8 @@ READING_NOTES: tuple[str, ...] = (
     "sw1_a / sw1_b, per_a / per_b: each side's SW1 and PER to N(0,1), along the same directions",
     "w1_between: exact W1 between A's and B's pooled reservoir values; sw1_between: exact SW1 between "
     "their reservoirs of rows with shared directions (POT); 0 means identical samples, and two samples "
-    "of one distribution sit a little apart by chance (less with more rows): compare one model on two "
-    "splits to see that noise level",
+    "of one distribution sit a little apart by chance (less with more rows; n_samples_a / n_samples_b in "
+    "the files)",
     "d_mean, d_std, d_frac_zero (and d_sw1, in the CSV/JSON/HTML): B minus A",
     "n_units is A's width (B's for 'B only' rows); the CSV/JSON/HTML also give n_units_b, B's width",
 )

@@ -91,11 +91,16 @@ def name_failing_layer(model: nn.Module) -> Iterator[None]:
 
 
 def _fix_hint(module: nn.Module, args: tuple) -> str:
-    integer_input = any(isinstance(a, torch.Tensor) and not (a.is_floating_point() or a.is_complex()) for a in args)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    integer_input = any(not (a.is_floating_point() or a.is_complex()) for a in tensors)
     float_weights = any(p.is_floating_point() for p in module.parameters(recurse=False))
     if integer_input and float_weights:
         return "save the inputs as float32: integer data is kept as is, for token ids"
-    return "check --data / --input-shape against the model"
+    in_features = getattr(module, "in_features", None)
+    if isinstance(in_features, int) and tensors and tensors[0].ndim >= 1 and tensors[0].shape[-1] == in_features + 1:
+        # The classic CSV mistake: the label column read as one more feature.
+        return "one input column too many: if it holds the targets, name it with --target-column"
+    return "check the data against the model (--data, or --input-shape with --random)"
 
 
 def _is_input_error(message: str) -> bool:

@@ -203,9 +203,11 @@ def check_targets(examples: Examples, per_example_output: tuple[int, ...], task:
             )
         n_classes = per_example_output[-1]
         if per_example != per_example_output[:-1]:
+            column = per_example == (*per_example_output[:-1], 1)
             raise PerdiagError(
                 f"targets of {where} have shape {per_example} per example, but the model outputs {output_text} "
                 f"per example ({n_classes} classes on the last axis): labels must have shape {per_example_output[:-1]}"
+                + ("; save them without the trailing axis of size 1 (y.squeeze(-1))" if column else "")
             )
         low, high = int(targets.min()), int(targets.max())
         if low < 0 or high >= n_classes:

@@ -42,7 +42,8 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
     if not text:
         return None
     try:
-        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+        # Every part must be a number: "1,x,8" or "1,8," is a typo, not (1, 8).
+        shape = tuple(int(part) for part in text.strip().replace("x", ",").split(","))
     except ValueError as err:
         raise PerdiagError(f"--input-shape must be comma-separated integers like 1,8,8, got {text!r}") from err
     if not shape or any(size < 1 for size in shape):

@@ -168,3 +168,25 @@ def test_torchscript_refuses_layer_selection_and_list_layers(run_cli, samples, t
     # --types used to be ignored (exit 0, the output only) and --list-layers was an internal error.
     assert_user_error(run_cli("inspect", tmp_path / "scripted.pt", *data, "--types", "Linear"), "TorchScript", "--types")
     assert_user_error(run_cli("inspect", tmp_path / "scripted.pt", *data, "--list-layers"), "--list-layers", "TorchScript")
+
+
+def test_data_entries_the_forward_cannot_take(run_cli, samples, tmp_path):
+    # Unknown dict/.npz names become keyword arguments: forward(x) got 'images' and was an internal error.
+    np.savez(tmp_path / "named.npz", images=np.zeros((8, 64), dtype=np.float32), cls=np.zeros(8, dtype=np.int64))
+    assert_user_error(
+        run_cli("inspect", samples / "digits_mlp.pt", "--data", tmp_path / "named.npz"),
+        "forward(x) cannot take the data's inputs", "images", "rename them",
+    )
+
+
+def test_label_column_read_as_a_feature_suggests_target_column(run_cli, samples, tmp_path):
+    np.savetxt(tmp_path / "with_labels.csv", np.c_[np.zeros((6, 64)), np.arange(6)], delimiter=",")
+    assert_user_error(
+        run_cli("inspect", samples / "digits_mlp.pt", "--data", tmp_path / "with_labels.csv"),
+        "(6, 65)", "one input column too many", "--target-column",
+    )
+
+
+def test_input_shape_typo_is_refused_not_shortened(run_cli, samples):
+    # "1,x,8" once read as (1, 8).
+    assert_user_error(run_cli("inspect", samples / "digits_cnn.pt", "--random", "4", "--input-shape", "1,x,8"), "'1,x,8'")

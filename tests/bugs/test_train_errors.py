@@ -115,3 +115,8 @@ def test_output_would_replace_the_input(tmp_path, capsys):
         main(["train", str(model), "--per-weight", "1e-4", "--out", str(model), "-q"])
     assert done.value.code == 2 and "is the input checkpoint" in capsys.readouterr().err
     assert model.read_bytes() == MLP.read_bytes()
+
+
+def test_column_shaped_labels_say_to_drop_the_axis(tmp_path, capsys):
+    data = save_data(tmp_path / "col.pt", torch.zeros(20, 64), torch.zeros(20, 1, dtype=torch.long))
+    fails(tmp_path, capsys, [str(MLP), "--per-weight", "1e-4", "--data", str(data), "--val-data", str(data)], "y.squeeze(-1)")
