@@ -118,7 +118,7 @@ def _fused_per_sum(
     # |u| > 9.4 is common); each f(t) >= sqrt(2/pi) then changes by less than 2e-35.
     scaled.square_().clamp_(max=EXP_ARGUMENT_CAP).neg_().exp_()
     if equal:
-        return (products * math.sqrt(math.pi) + scaled.sum()) * (PER_OF_ZEROS / sizes[0]), slope, sizes
+        return scaled.sum().add_(products, alpha=math.sqrt(math.pi)).mul_(PER_OF_ZEROS / sizes[0]), slope, sizes
     sums = products.mul_(math.sqrt(math.pi)).add_(torch.stack([block.sum() for block in blocks]))
     counts = torch.tensor(sizes, dtype=sums.dtype, device=sums.device)
     return (sums / counts).sum() * PER_OF_ZEROS, slope, sizes

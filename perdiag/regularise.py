@@ -87,7 +87,9 @@ def step_directions(
     for d in widths:
         norms += squares[start:d].sum(axis=0)
         start = d
-        directions[d] = torch.from_numpy(draws[:d] / np.sqrt(norms)).to(device)
+        directions[d] = torch.from_numpy(draws[:d] / np.sqrt(norms))
+    if torch.device(device).type != "cpu":
+        directions = {d: theta.to(device) for d, theta in directions.items()}
     return directions
 
 
@@ -151,7 +153,9 @@ class RowSampler:
             starts = sample * (self.d * self.positions) + position
         else:
             source, starts = samples, chosen.numpy() * self.d
-        offsets = torch.from_numpy(starts[:, None] + self.unit_offsets).to(samples.device)
+        offsets = torch.from_numpy(starts[:, None] + self.unit_offsets)
+        if samples.device.type != "cpu":
+            offsets = offsets.to(samples.device)
         return PickedRows(torch.take(source, offsets), chosen, source, offsets)
 
 
@@ -207,17 +211,23 @@ class _RowGradientBuffer:
         # The root gradient must have the units-last view's shape; it shares the buffer's memory.
         self.view = self.values.movedim(1, -1) if channels_first else self.values
         self._written: torch.Tensor | None = None
+        self._zeros: torch.Tensor | None = None  # (k, d) zeros that reset the rows written last
 
     def fits(self, source: torch.Tensor, dtype: torch.dtype) -> bool:
         return self.values.shape == source.shape and self.values.dtype == dtype and self.values.device == source.device
 
     def write(self, offsets: torch.Tensor, rows_gradient: torch.Tensor) -> torch.Tensor:
-        flat = self.values.view(-1)
+        # put_ addresses the buffer by flat offset, in whatever shape the offsets have: no reshapes,
+        # which cost a dispatch each in a step made of small ops.
         if self._written is not None:
-            flat.index_fill_(0, self._written, 0)
-        self._written = offsets.reshape(-1)
+            if self._zeros is None or self._zeros.shape != self._written.shape:
+                self._zeros = torch.zeros(self._written.shape, dtype=self.values.dtype, device=self.values.device)
+            self.values.put_(self._written, self._zeros)
+        self._written = offsets
+        if rows_gradient.dtype != self.values.dtype:
+            rows_gradient = rows_gradient.to(self.values.dtype)
         # accumulate: a row drawn twice receives both of its gradients.
-        flat.index_put_((self._written,), rows_gradient.reshape(-1).to(flat.dtype), accumulate=True)
+        self.values.put_(offsets, rows_gradient, accumulate=True)
         return self.view
 
 
