@@ -87,8 +87,41 @@ def _workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Te
     return buffer[:numel]
 
 
+class _StepBuffers:
+    """Buffers, and their per-layer views, for repeated evaluations on the same shapes.
+
+    A training step evaluates PER on the same layer shapes every step, and on this scale every
+    tensor op costs a dispatch of several microseconds whatever its size: holding the projections,
+    the erf values and the row gradients in fixed buffers with ready-made per-layer views saves the
+    splits, views and allocations each step would repeat.
+    """
+
+    def __init__(self, shapes: tuple[tuple[int, int, int], ...], dtype: torch.dtype, device: torch.device) -> None:
+        sizes = [n * s for n, _, s in shapes]
+        self.scaled = torch.empty(sum(sizes), dtype=dtype, device=device)
+        self.slope = torch.empty(sum(sizes), dtype=dtype, device=device)
+        self.scaled_views = [b.view(n, s) for b, (n, _, s) in zip(self.scaled.split(sizes), shapes)]
+        self.slope_views = [b.view(n, s) for b, (n, _, s) in zip(self.slope.split(sizes), shapes)]
+        self.grads = [torch.empty(n, d, dtype=dtype, device=device) for n, d, _ in shapes]
+
+
+_STEP_BUFFERS = threading.local()
+
+
+def _step_buffers(activations: Sequence[torch.Tensor], projections: Sequence[torch.Tensor]) -> _StepBuffers:
+    shapes = tuple((h.shape[0], h.shape[1], p.shape[1]) for h, p in zip(activations, projections))
+    key = (shapes, activations[0].dtype, activations[0].device)
+    cache = _STEP_BUFFERS.__dict__.setdefault("cache", {})
+    buffers = cache.get(key)
+    if buffers is None:
+        if len(cache) >= 8:  # shapes change rarely (a smaller last batch): keep a few
+            cache.clear()
+        buffers = cache[key] = _StepBuffers(shapes, *key[1:])
+    return buffers
+
+
 def _fused_per_sum(
-    activations: Sequence[torch.Tensor], projections: Sequence[torch.Tensor]
+    activations: Sequence[torch.Tensor], projections: Sequence[torch.Tensor], buffers: _StepBuffers | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """(sum_l PER(h_l; theta_l), erf(u) of every layer in one flat buffer, per-layer sizes n_l s_l).
 
@@ -101,17 +134,22 @@ def _fused_per_sum(
     so the returned erf(u) buffer is all the gradient needs (:func:`_row_gradients`).
     """
     sizes = [h.shape[0] * p.shape[1] for h, p in zip(activations, projections)]
-    scaled = _workspace(sum(sizes), activations[0].dtype, activations[0].device)
-    blocks = scaled.split(sizes)
-    for h, p, block in zip(activations, projections, blocks):
-        torch.mm(h, p, out=block.view(h.shape[0], p.shape[1]))
+    if buffers is None:
+        scaled = _workspace(sum(sizes), activations[0].dtype, activations[0].device)
+        blocks = scaled.split(sizes)
+        views = [block.view(h.shape[0], p.shape[1]) for block, h, p in zip(blocks, activations, projections)]
+    else:
+        scaled, views = buffers.scaled, buffers.scaled_views
+    for h, p, view in zip(activations, projections, views):
+        torch.mm(h, p, out=view)
     scaled.mul_(_SQRT_HALF)
-    slope = torch.erf(scaled)
+    slope = torch.erf(scaled) if buffers is None else torch.erf(scaled, out=buffers.slope)
     # Per layer: sum of sqrt(pi) u erf(u) + exp(-u^2) = f(t) / sqrt(2/pi); u is overwritten last.
     equal = len(set(sizes)) == 1  # the usual case: every layer subsampled to the same rows
     if equal:
         products = torch.dot(scaled, slope)
     else:
+        blocks = scaled.split(sizes)
         products = torch.stack([torch.dot(block, erf_block) for block, erf_block in zip(blocks, slope.split(sizes))])
     # exp(-u^2) as exp(-min(u^2, 80)): a result below e^-80 ~ 2e-35 would be a float32 subnormal,
     # whose arithmetic takes a microcode slow path (measured 17x slower on real activations, where
@@ -124,17 +162,29 @@ def _fused_per_sum(
     return (sums / counts).sum() * PER_OF_ZEROS, slope, sizes
 
 
-def _row_gradients(slope: torch.Tensor, sizes: list[int], projections: Sequence[torch.Tensor], scale, wanted=None) -> list:
-    """``scale`` * dPER_l / dh_l = (scale / (n_l s_l)) erf(u_l) theta_l^T for each layer (None where not ``wanted``)."""
+def _row_gradients(
+    slope: torch.Tensor, sizes: list[int], projections: Sequence[torch.Tensor], scale, wanted=None,
+    buffers: _StepBuffers | None = None,
+) -> list:
+    """``scale`` * dPER_l / dh_l = (scale / (n_l s_l)) erf(u_l) theta_l^T for each layer (None where not ``wanted``).
+
+    With ``buffers`` (whose ``slope`` is ``slope``) the erf values are scaled in place and the
+    gradients written into ``buffers.grads``.
+    """
     if len(set(sizes)) == 1:  # one scaling of the whole buffer instead of one per layer
-        slope = slope * (scale / sizes[0])
+        slope = slope * (scale / sizes[0]) if buffers is None else slope.mul_(scale / sizes[0])
         scale = None
+    if buffers is None:
+        views = [block.view(-1, p.shape[1]) for block, p in zip(slope.split(sizes), projections)]
+        outs = [None] * len(sizes)
+    else:
+        views, outs = buffers.slope_views, buffers.grads
     grads = []
-    for index, (block, p) in enumerate(zip(slope.split(sizes), projections)):
+    for index, (view, p, out) in enumerate(zip(views, projections, outs)):
         if wanted is not None and not wanted[index]:
             grads.append(None)
             continue
-        grad = torch.mm(block.view(-1, p.shape[1]), p.T)
+        grad = torch.mm(view, p.T, out=out)
         grads.append(grad if scale is None else grad.mul_(scale / sizes[index]))
     return grads
 
@@ -208,7 +258,11 @@ def per_loss_sum(
 
 
 def per_sum_and_row_gradients(
-    activations: Sequence[torch.Tensor], projections: Sequence[torch.Tensor], *, grad_scale: float = 1.0
+    activations: Sequence[torch.Tensor],
+    projections: Sequence[torch.Tensor],
+    *,
+    grad_scale: float = 1.0,
+    reuse_buffers: bool = False,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """:func:`per_loss_sum` and its gradients at once, without autograd.
 
@@ -224,11 +278,16 @@ def per_sum_and_row_gradients(
         step that hands these to backward directly (:mod:`perdiag.regularise`) needs no graph
         through the rows it gathered. No input checks: callers pass well-formed tensors of one
         floating dtype and device. Nothing returned carries a graph.
+
+    ``reuse_buffers=True`` (what a training step passes) writes the gradients into buffers kept per
+    thread for these shapes: each call then overwrites the gradients the previous call with the
+    same shapes returned, so use them (or copy them) first.
     """
     activations, projections = list(activations), list(projections)
+    buffers = _step_buffers(activations, projections) if reuse_buffers else None
     with torch.no_grad():  # the fused pass writes into a workspace with out=, which autograd refuses
-        value, slope, sizes = _fused_per_sum(activations, projections)
-        return value, _row_gradients(slope, sizes, projections, grad_scale)
+        value, slope, sizes = _fused_per_sum(activations, projections, buffers)
+        return value, _row_gradients(slope, sizes, projections, grad_scale, buffers=buffers)
 
 
 def per_loss(h: torch.Tensor, projections: torch.Tensor, *, validate: bool = True) -> torch.Tensor:

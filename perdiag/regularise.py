@@ -305,8 +305,9 @@ class StepRegulariser:
             rows = [layer.picked.rows for layer in pending]
             generator = step_generator(self.seed, self._step, 0)
             directions = step_directions((h.shape[1] for h in rows), self.n_projections, generator, rows[0].device)
+            # The gradients are consumed below (written into the dense buffers) before the next step.
             value, gradients = per_sum_and_row_gradients(
-                rows, [directions[h.shape[1]] for h in rows], grad_scale=self.weight
+                rows, [directions[h.shape[1]] for h in rows], grad_scale=self.weight, reuse_buffers=True
             )
             self._add(value)
             edges, grads = self._roots

@@ -107,3 +107,20 @@ def test_per_loss_sum_rejects_mismatched_inputs():
         per_loss_sum([torch.zeros(3, 2)], [])
     with pytest.raises(ValueError, match="projections must have shape"):
         per_loss_sum([torch.zeros(3, 2)], [torch.zeros(3, 4)])
+
+
+def test_row_gradients_with_reused_buffers_equal_fresh_ones_and_fresh_ones_do_not_alias():
+    from perdiag import per_sum_and_row_gradients
+
+    generator = torch.Generator().manual_seed(4)
+    rows = [torch.randn(32, d, generator=generator) for d in (4, 16)]
+    projections = [random_projections(d, 64, seed=d) for d in (4, 16)]
+    fresh_value, fresh = per_sum_and_row_gradients(rows, projections, grad_scale=0.5)
+    again_value, again = per_sum_and_row_gradients([2 * h for h in rows], projections, grad_scale=0.5)
+    assert not torch.equal(fresh[0], again[0])  # the first call's gradients were not overwritten
+    reused_value, reused = per_sum_and_row_gradients(rows, projections, grad_scale=0.5, reuse_buffers=True)
+    assert float(reused_value) == float(fresh_value)
+    assert all(torch.equal(a, b) for a, b in zip(reused, fresh))
+    # Same shapes again: the buffers are reused (documented), with the new values.
+    _, overwritten = per_sum_and_row_gradients([2 * h for h in rows], projections, grad_scale=0.5, reuse_buffers=True)
+    assert overwritten[0].data_ptr() == reused[0].data_ptr() and torch.equal(overwritten[0], again[0])
