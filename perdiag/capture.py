@@ -301,6 +301,7 @@ class ActivationCapture:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.skipped: dict[str, str] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._fastpath: bool | None = None  # the transformer fast-path setting to restore
         # id(output tensor) -> (weak reference, layout): weak so ids of freed tensors are never trusted.
         self._produced: dict[int, tuple[weakref.ref, str]] = {}
         self._prune_at = 64
@@ -332,7 +333,7 @@ class ActivationCapture:
             handle.remove()
         self._handles.clear()
         self._produced.clear()
-        if getattr(self, "_fastpath", None) is not None:
+        if self._fastpath is not None:
             torch.backends.mha.set_fastpath_enabled(self._fastpath)
             self._fastpath = None
 

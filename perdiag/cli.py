@@ -327,7 +327,7 @@ def compare(
             **workflow.versions(),
         }
     )
-    n_own_notes = len(result.notes)
+    own_notes = list(result.notes)  # printed below; the loading notes are on stderr already
     result.notes[:0] = load_notes  # into the JSON and HTML too: what loading ignored or left unset
     written = workflow.write_compare_outputs(
         result, csv=csv, json_path=json, plots=plots, html=html, plot_format=plot_format.value,
@@ -341,7 +341,7 @@ def compare(
     )
     for line in (*READING_NOTES, scale_line()):
         stdout.print(line, highlight=False)
-    for note in result.notes[len(result.notes) - n_own_notes:]:  # the loading notes are on stderr already
+    for note in own_notes:
         stdout.print(f"note: {note}", highlight=False)
     for path in _summarise_paths(written):
         stdout.print(f"wrote {path}", highlight=False)

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-from perdiag.per import per_loss, per_sum_and_row_gradients
+from perdiag.per import per_sum_and_row_gradients
 
 REGULARISERS: tuple[str, ...] = ("per", "l1", "l2")
 
@@ -172,22 +172,19 @@ def pick_rows(samples: torch.Tensor, max_rows: int, generator: torch.Generator |
     return RowSampler(samples, max_rows).pick(samples, generator)
 
 
-def activation_penalty(h: torch.Tensor, reg: str, projections: torch.Tensor | None = None) -> torch.Tensor:
-    """R(h) of an (n, d) activation: ``per`` (needs (d, s) ``projections``), ``l1`` = mean |h|, ``l2`` = mean h^2.
+def activation_penalty(h: torch.Tensor, reg: str) -> torch.Tensor:
+    """The L1/L2 baseline penalty of an activation: ``l1`` = mean |h|, ``l2`` = mean h^2.
 
-    A 0-dim tensor in activation units (squared for l2), differentiable in ``h``.
+    A 0-dim tensor in activation units (squared for l2), differentiable in ``h``. PER does not go
+    through here: its value and gradient come from :func:`perdiag.per.per_sum_and_row_gradients`.
     """
-    if reg == "per":
-        if projections is None:
-            raise ValueError("the PER penalty needs projections")
-        return per_loss(h, projections, validate=False)
     # abs / square keep their input for backward: a copy protects it from later in-place modules.
     h = h.clone().float()
     if reg == "l1":
         return h.abs().mean()
     if reg == "l2":
         return h.square().mean()
-    raise ValueError(f"unknown regulariser {reg!r}")
+    raise ValueError(f"unknown activation penalty {reg!r}; choose l1 or l2")
 
 
 @dataclass
